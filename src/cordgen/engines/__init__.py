@@ -1,0 +1,112 @@
+"""What the search asks of engines, independent of how they run (local vLLM, later remote).
+
+A teacher proposes next steps and writes final answers; a scorer reads how likely a trajectory
+makes the gold answer. Every call takes a whole batch: the controller never loops around them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+
+class FinishReason(str, Enum):
+    STEP = "step"  # stopped at the next step marker: thinking goes on
+    END_OF_THINKING = "end_of_thinking"  # stopped at </think>
+    EOS = "eos"  # the model ended its turn
+    LENGTH = "length"  # hit the token limit of the call
+
+    @property
+    def ends_thinking(self) -> bool:
+        return self in (FinishReason.END_OF_THINKING, FinishReason.EOS)
+
+
+SeedKey = tuple[str | int, ...]
+
+
+def derive_seed(base: int, *key: str | int) -> int:
+    """A sampling seed that depends on the caller's key alone, never on batch composition, so a
+    resumed or re-batched run samples exactly what an uninterrupted one did."""
+    material = "\x1f".join(str(part) for part in (base, *key)).encode()
+    return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big") % (2**31 - 1)
+
+
+@dataclass(frozen=True)
+class ProposeRequest:
+    question: str
+    steps: tuple[str, ...]
+    n: int = 1
+    seed_key: SeedKey = ()
+
+
+@dataclass(frozen=True)
+class StepCandidate:
+    teacher: str
+    text: str
+    num_tokens: int  # tokens the teacher decoded for this step, the stop marker included
+    finish_reason: FinishReason
+    sample: int = 0
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    question: str
+    steps: tuple[str, ...]
+    seed_key: SeedKey = ()
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    teacher: str
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A trajectory (the candidate step is its last step) and the gold answer to read."""
+
+    question: str
+    steps: tuple[str, ...]
+    answer: str
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """The paper's predictive score S = exp(mean log p(answer tokens | context))."""
+
+    answer_logprobs: tuple[float, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache, not recomputed
+    rescored: bool = False  # the cache reached into the answer span, so it was scored again
+
+    @property
+    def mean_logprob(self) -> float:
+        return math.fsum(self.answer_logprobs) / len(self.answer_logprobs)
+
+    @property
+    def score(self) -> float:
+        return math.exp(self.mean_logprob)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(-self.mean_logprob)
+
+
+class Teacher(Protocol):
+    name: str
+
+    def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]: ...
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[FinalAnswer]: ...
+
+
+class Scorer(Protocol):
+    name: str
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]: ...

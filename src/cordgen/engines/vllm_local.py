@@ -1,0 +1,266 @@
+"""Teachers and the scorer on in-process vLLM engines (`vllm.LLM`), one engine per model.
+
+Prompts go to vLLM as token ids that we build ourselves, so the scorer knows exactly where the
+gold answer starts and every role counts tokens the way its engine does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from cordgen.config import EngineSettings, Recipe, SamplingSettings, ScorerConfig, StepFormat, TeacherConfig
+from cordgen.engines import (
+    AnswerRequest,
+    AnswerScore,
+    FinalAnswer,
+    FinishReason,
+    ProposeRequest,
+    ScoreRequest,
+    StepCandidate,
+    derive_seed,
+)
+from cordgen.errors import ConfigError, EngineError
+from cordgen.prompts import ChatPrompt
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_source(model: str) -> str:
+    """A local directory, or a hub id; anything else is a path that does not exist."""
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    if HUB_ID.match(model) and not model.startswith((".", "~")):
+        return model
+    raise ConfigError(f"model path does not exist: {model}")
+
+
+def vllm_engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
+    kwargs = settings.model_dump(exclude_none=True)
+    kwargs["model"] = resolve_model_source(settings.model)
+    if settings.tokenizer is not None:
+        kwargs["tokenizer"] = resolve_model_source(settings.tokenizer)
+    return kwargs
+
+
+class VllmModel:
+    """One loaded engine and its tokenizer; every role naming the same settings uses it."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.llm = LLM(**vllm_engine_kwargs(settings))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+
+    def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Any]:
+        if not prompts:
+            return []
+        batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
+        return self.llm.generate(batch, list(params), use_tqdm=False)
+
+    def shutdown(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+class EnginePool:
+    """Loads each distinct engine once, so a scorer that is also a teacher is one copy."""
+
+    def __init__(self) -> None:
+        self._models: dict[EngineSettings, VllmModel] = {}
+
+    def model(self, settings: EngineSettings) -> VllmModel:
+        if settings not in self._models:
+            self._models[settings] = VllmModel(settings)
+        return self._models[settings]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def shutdown(self) -> None:
+        for model in self._models.values():
+            model.shutdown()
+        self._models.clear()
+
+
+def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, VllmTeacher], VllmScorer]:
+    teachers = {
+        t.name: VllmTeacher(t, pool.model(t.engine), recipe.format) for t in recipe.teachers
+    }
+    return teachers, VllmScorer(recipe.scorer, pool.model(recipe.scorer.engine), recipe.format)
+
+
+def finish_reason_of(completion: Any, fmt: StepFormat) -> FinishReason:
+    if completion.finish_reason == "length":
+        return FinishReason.LENGTH
+    if completion.stop_reason == fmt.think_close:
+        return FinishReason.END_OF_THINKING
+    if completion.stop_reason == fmt.marker:
+        return FinishReason.STEP
+    return FinishReason.EOS
+
+
+class VllmTeacher:
+    def __init__(self, config: TeacherConfig, model: VllmModel, fmt: StepFormat) -> None:
+        self.name = config.name
+        self.config = config
+        self.model = model
+        self.fmt = fmt
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def _params(self, seed: int, max_tokens: int, stop: list[str] | None) -> SamplingParams:
+        sampling: SamplingSettings = self.config.sampling
+        return SamplingParams(
+            n=1,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or 0,
+            max_tokens=max_tokens,
+            seed=seed,
+            stop=stop,
+            skip_special_tokens=False,
+        )
+
+    def _seed(self, key: tuple[str | int, ...], sample: int) -> int:
+        return derive_seed(self.config.sampling.seed, self.name, *key, sample)
+
+    def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]:
+        """Every request's n samples of its next step, from one engine call."""
+        prompts, params, slots = [], [], []
+        results: list[list[StepCandidate | None]] = [[None] * r.n for r in requests]
+        stop = [self.fmt.marker, self.fmt.think_close]
+        for i, request in enumerate(requests):
+            ids = self.chat.step_prompt_ids(request.question, request.steps)
+            room = min(self.config.sampling.max_step_tokens, self.model.max_model_len - len(ids))
+            for sample in range(request.n):
+                if room <= 0:
+                    results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.LENGTH, sample)
+                    continue
+                prompts.append(ids)
+                params.append(self._params(self._seed(request.seed_key, sample), room, stop))
+                slots.append((i, sample))
+        for (i, sample), output in zip(slots, self.model.generate(prompts, params)):
+            completion = output.outputs[0]
+            results[i][sample] = StepCandidate(
+                teacher=self.name,
+                text=completion.text,
+                num_tokens=len(completion.token_ids),
+                finish_reason=finish_reason_of(completion, self.fmt),
+                sample=sample,
+            )
+        return [[c for c in row if c is not None] for row in results]
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[FinalAnswer]:
+        """The text after `</think>` for each finished trajectory, from one engine call."""
+        prompts, params, slots = [], [], []
+        results: list[FinalAnswer | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            ids = self.chat.answer_prompt_ids(request.question, request.steps)
+            room = min(self.config.sampling.max_answer_tokens, self.model.max_model_len - len(ids))
+            if room <= 0:
+                results[i] = FinalAnswer(self.name, "", 0, FinishReason.LENGTH)
+                continue
+            prompts.append(ids)
+            params.append(self._params(self._seed(("answer", *request.seed_key), 0), room, None))
+            slots.append(i)
+        for i, output in zip(slots, self.model.generate(prompts, params)):
+            completion = output.outputs[0]
+            results[i] = FinalAnswer(
+                teacher=self.name,
+                text=completion.text,
+                num_tokens=len(completion.token_ids),
+                finish_reason=finish_reason_of(completion, self.fmt),
+            )
+        return [r for r in results if r is not None]
+
+
+def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def read_answer_logprobs(output: Any, answer_start: int, answer_ids: list[int]) -> tuple[float, ...] | None:
+    """The answer tokens' logprobs, or None when any of them cannot be trusted.
+
+    With prefix-cache reads on, vLLM returns placeholders (arbitrary token ids, logprob 0.0) for
+    every position up to and including `num_cached_tokens`: the logits there were never computed.
+    """
+    prompt_logprobs = output.prompt_logprobs
+    cached = output.num_cached_tokens or 0
+    if cached >= answer_start or prompt_logprobs is None:
+        return None
+    if len(prompt_logprobs) != answer_start + len(answer_ids):
+        return None
+    logprobs = []
+    for offset, token in enumerate(answer_ids):
+        entry = prompt_logprobs[answer_start + offset]
+        found = entry.get(token) if entry else None
+        if found is None:
+            return None
+        logprobs.append(float(found.logprob))
+    return tuple(logprobs)
+
+
+class VllmScorer:
+    """Predictive score of the gold answer from prompt logprobs (max_tokens=1, nothing sampled)."""
+
+    def __init__(self, config: ScorerConfig, model: VllmModel, fmt: StepFormat) -> None:
+        self.name = config.name
+        self.config = config
+        self.model = model
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def _prepare(self, request: ScoreRequest) -> tuple[list[int], int, list[int]]:
+        context, answer = self.chat.scoring_ids(
+            request.question, request.steps, self.config.answer_suffix, request.answer
+        )
+        if not answer:
+            raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
+        ids = context + answer
+        if len(ids) + 1 > self.model.max_model_len:
+            raise EngineError(
+                f"scorer {self.name}: a {len(ids)}-token scoring prompt exceeds max_model_len "
+                f"{self.model.max_model_len}; raise max_model_len or lower the thinking budget"
+            )
+        return ids, len(context), answer
+
+    def _run(self, prepared: list[tuple[list[int], int, list[int]]], indices: Sequence[int], reuse: bool) -> dict[int, AnswerScore | None]:
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            skip_reading_prefix_cache=not reuse,
+            flat_logprobs=True,
+        )
+        scores: dict[int, AnswerScore | None] = {}
+        for chunk in chunked(indices, self.config.max_requests_per_call):
+            outputs = self.model.generate([prepared[i][0] for i in chunk], [params] * len(chunk))
+            for i, output in zip(chunk, outputs):
+                ids, start, answer = prepared[i]
+                logprobs = read_answer_logprobs(output, start, answer)
+                scores[i] = None if logprobs is None else AnswerScore(
+                    answer_logprobs=logprobs,
+                    num_prompt_tokens=len(ids),
+                    num_cached_tokens=output.num_cached_tokens or 0,
+                    rescored=not reuse and self.config.reuse_prefix_cache,
+                )
+        return scores
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]:
+        """Scores the batch with prefix-cache reads, then re-scores without them the few requests
+        whose cached prefix reached into the answer span."""
+        prepared = [self._prepare(r) for r in requests]
+        scores = self._run(prepared, range(len(prepared)), reuse=self.config.reuse_prefix_cache)
+        untrusted = [i for i, s in scores.items() if s is None]
+        if untrusted and self.config.reuse_prefix_cache:
+            scores.update(self._run(prepared, untrusted, reuse=False))
+        if any(scores[i] is None for i in range(len(prepared))):
+            raise EngineError(f"scorer {self.name}: vLLM returned incomplete prompt logprobs")
+        return [scores[i] for i in range(len(prepared))]  # type: ignore[misc]

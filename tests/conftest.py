@@ -1,0 +1,45 @@
+"""Session fixtures: tiny models are built once, and each vLLM engine starts once (25-50 s)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny_models import Problem, build_tiny_model, make_problems
+
+ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0, block_size=32)
+
+
+@pytest.fixture(scope="session")
+def problems() -> list[Problem]:
+    return make_problems(12, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, problems) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {name: str(build_tiny_model(name, root / name, problems)) for name in ("alpha", "beta")}
+
+
+@pytest.fixture(scope="session")
+def engine_pool():
+    from cordgen.engines.vllm_local import EnginePool
+
+    pool = EnginePool()
+    yield pool
+    pool.shutdown()
+
+
+def engine_settings(path: str, **overrides):
+    from cordgen.config import EngineSettings
+
+    return EngineSettings(model=path, **{**ENGINE_DEFAULTS, **overrides})
+
+
+@pytest.fixture(scope="session")
+def alpha_model(engine_pool, tiny_model_dirs):
+    return engine_pool.model(engine_settings(tiny_model_dirs["alpha"]))
+
+
+@pytest.fixture(scope="session")
+def beta_model(engine_pool, tiny_model_dirs):
+    return engine_pool.model(engine_settings(tiny_model_dirs["beta"]))
