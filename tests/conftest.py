@@ -6,7 +6,9 @@ import pytest
 
 from tests.tiny_models import Problem, build_tiny_model, make_problems
 
-ENGINE_DEFAULTS = dict(dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0, block_size=32)
+ENGINE_DEFAULTS = dict(
+    dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0, block_size=32
+)
 
 
 @pytest.fixture(scope="session")

@@ -47,9 +47,18 @@ def test_shipped_recipes_load(path):
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("temperature: 0.6", "temperature: -1"), "teachers.0.sampling.temperature: Input should be greater than or equal to 0 (got -1)"),
-        (("temperature: 0.6", "temprature: 0.6"), "teachers.0.sampling.temprature: Extra inputs are not permitted"),
-        (("tensor_parallel_size: 2}\n    sampling", "tensor_parallel_size: 0}\n    sampling"), "teachers.0.engine.tensor_parallel_size: Input should be greater than or equal to 1"),
+        (
+            ("temperature: 0.6", "temperature: -1"),
+            "teachers.0.sampling.temperature: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            ("temperature: 0.6", "temprature: 0.6"),
+            "teachers.0.sampling.temprature: Extra inputs are not permitted",
+        ),
+        (
+            ("tensor_parallel_size: 2}\n    sampling", "tensor_parallel_size: 0}\n    sampling"),
+            "teachers.0.engine.tensor_parallel_size: Input should be greater than or equal to 1",
+        ),
         (("name: b", "name: a"), "duplicate teacher name(s): a"),
         (("name: b", "name: 'b c'"), "teachers.1.name: String should match pattern"),
         (("scorer:\n  engine: {model: org/model-a, tensor_parallel_size: 2}", ""), "scorer: Field required"),

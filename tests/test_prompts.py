@@ -21,7 +21,12 @@ def tokenizer(template: str) -> PreTrainedTokenizerFast:
     bpe.decoder = decoders.ByteLevel()
     corpus = ["<think>\n### Step 1. 12 + 3 = 15\n</think> The final answer is 30.", "Start with 12. Add 3."]
     specials = ["<|im_end|>", "<|im_start|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-    bpe.train_from_iterator(corpus * 5, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        corpus * 5,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>")
     fast.chat_template = template
     return fast
@@ -34,14 +39,21 @@ def test_steps_render_after_their_headers():
 
 @pytest.mark.parametrize(
     ("prompt", "opener"),
-    [("<|im_start|>assistant\n", "<think>\n"), ("<|assistant|><think>\n", ""), ("<|assistant|><think>", "\n")],
+    [
+        ("<|im_start|>assistant\n", "<think>\n"),
+        ("<|assistant|><think>\n", ""),
+        ("<|assistant|><think>", "\n"),
+    ],
 )
 def test_thinking_is_opened_once(prompt, opener):
     assert think_opener(FMT, prompt) == opener
 
 
 def test_answer_boundary_moves_the_space_onto_the_answer():
-    assert split_answer_boundary("</think> The final answer is ", " 42 ") == ("</think> The final answer is", " 42")
+    assert split_answer_boundary("</think> The final answer is ", " 42 ") == (
+        "</think> The final answer is",
+        " 42",
+    )
     assert split_answer_boundary("Answer:", "42") == ("Answer:", "42")
 
 

@@ -49,7 +49,9 @@ def test_answer_logprobs_match_a_transformers_forward_pass(alpha_model, referenc
     scores = scorer.score(requests)
     worst = 0.0
     for request, score in zip(requests, scores):
-        context, answer = scorer.chat.scoring_ids(request.question, request.steps, scorer.config.answer_suffix, request.answer)
+        context, answer = scorer.chat.scoring_ids(
+            request.question, request.steps, scorer.config.answer_suffix, request.answer
+        )
         expected = transformers_answer_logprobs(reference_model, context, answer)
         assert len(score.answer_logprobs) == len(expected)
         worst = max(worst, *(abs(a - b) for a, b in zip(score.answer_logprobs, expected)))
@@ -63,7 +65,10 @@ def test_the_gold_answer_scores_higher_after_the_full_trace(alpha_model, problem
     scorer = make_scorer(alpha_model)
     for p in problems[:4]:
         gold, wrong = scorer.score(
-            [ScoreRequest(p.question, p.steps, p.answer), ScoreRequest(p.question, p.steps, str(int(p.answer) + 11))]
+            [
+                ScoreRequest(p.question, p.steps, p.answer),
+                ScoreRequest(p.question, p.steps, str(int(p.answer) + 11)),
+            ]
         )
         assert gold.score > wrong.score
 

@@ -53,7 +53,7 @@ def test_answer_follows_closed_thinking_and_ends_at_eos(model, problems):
 
 def test_step_token_limit_cuts_a_step(alpha_model, problems):
     teacher = make_teacher(alpha_model, max_step_tokens=2)
-    (candidate,), = teacher.propose([ProposeRequest(problems[0].question, ())])
+    ((candidate,),) = teacher.propose([ProposeRequest(problems[0].question, ())])
     assert candidate.finish_reason == FinishReason.LENGTH
     assert candidate.num_tokens == 2
 
@@ -61,7 +61,10 @@ def test_step_token_limit_cuts_a_step(alpha_model, problems):
 def test_n_samples_per_request(alpha_model, problems):
     teacher = make_teacher(alpha_model, temperature=1.0)
     results = teacher.propose(
-        [ProposeRequest(problems[0].question, (), n=3, seed_key=("p0",)), ProposeRequest(problems[1].question, (), n=1)]
+        [
+            ProposeRequest(problems[0].question, (), n=3, seed_key=("p0",)),
+            ProposeRequest(problems[1].question, (), n=1),
+        ]
     )
     assert [len(r) for r in results] == [3, 1]
     assert [c.sample for c in results[0]] == [0, 1, 2]
@@ -70,14 +73,17 @@ def test_n_samples_per_request(alpha_model, problems):
 def test_same_seed_key_same_candidates_whatever_the_batch(alpha_model, problems):
     teacher = make_teacher(alpha_model, temperature=1.5, max_step_tokens=12)
     requests = [
-        ProposeRequest(p.question, p.steps[:1], n=2, seed_key=(f"p{i}", 0, 0)) for i, p in enumerate(problems[:6])
+        ProposeRequest(p.question, p.steps[:1], n=2, seed_key=(f"p{i}", 0, 0))
+        for i, p in enumerate(problems[:6])
     ]
     forward = teacher.propose(requests)
     backward = teacher.propose(requests[::-1])[::-1]
     alone = [teacher.propose([r])[0] for r in requests[:2]]
     assert forward == backward
     assert forward[:2] == alone
-    other_keys = teacher.propose([ProposeRequest(r.question, r.steps, r.n, ("other",) + r.seed_key) for r in requests])
+    other_keys = teacher.propose(
+        [ProposeRequest(r.question, r.steps, r.n, ("other",) + r.seed_key) for r in requests]
+    )
     assert other_keys != forward
 
 
@@ -85,6 +91,6 @@ def test_teachers_with_different_tokenizers_continue_the_same_trajectory(alpha_m
     alpha, beta = make_teacher(alpha_model, "alpha"), make_teacher(beta_model, "beta")
     assert alpha.chat.encode("### Step 1. 12 + 3") != beta.chat.encode("### Step 1. 12 + 3")
     trajectory = problems[2].steps[:1]
-    (a,), = alpha.propose([ProposeRequest(problems[2].question, trajectory)])
-    (b,), = beta.propose([ProposeRequest(problems[2].question, trajectory)])
+    ((a,),) = alpha.propose([ProposeRequest(problems[2].question, trajectory)])
+    ((b,),) = beta.propose([ProposeRequest(problems[2].question, trajectory)])
     assert a.text == b.text == problems[2].steps[1]

@@ -76,7 +76,12 @@ THINK_OPENING = (
 SPECS = {
     "alpha": TinySpec("alpha", "llama", 420, ("<|im_end|>", "<|im_start|>", "<|pad|>"), CHATML, 1),
     "beta": TinySpec(
-        "beta", "qwen2", 300, ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|pad|>"), THINK_OPENING, 2
+        "beta",
+        "qwen2",
+        300,
+        ("<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|pad|>"),
+        THINK_OPENING,
+        2,
     ),
 }
 
@@ -139,7 +144,7 @@ def train(model, tokenizer, texts: list[str], steps: int) -> float:
         loss.backward()
         optimizer.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def build_tiny_model(name: str, out: Path, problems: list[Problem], train_steps: int = 300) -> Path:

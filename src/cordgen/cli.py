@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,16 +51,86 @@ def root(
 ) -> None:
     """CoRD: teachers propose steps, a scorer ranks them, beam search keeps the best."""
     state["debug"] = debug
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if debug else "WARNING")
 
 
 @app.command()
-def recipe(path: Path = typer.Argument(..., help="A YAML recipe, e.g. configs/paper-heterogeneous.yaml")) -> None:
+def recipe(
+    path: Path = typer.Argument(..., help="A YAML recipe, e.g. configs/paper-heterogeneous.yaml"),
+) -> None:
     """Validate a recipe and print it with every default filled in."""
     from cordgen.config import load_recipe
 
     with user_errors():
         resolved = load_recipe(path)
     yaml.safe_dump(resolved.model_dump(mode="json"), sys.stdout, sort_keys=False)
+
+
+def split_list(value: str | None) -> list[str] | None:
+    return [item.strip() for item in value.split(",") if item.strip()] if value else None
+
+
+@app.command()
+def synth(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)."),
+    teachers: str | None = typer.Option(
+        None, "--teachers", help="Comma-separated teacher names or model ids/paths."
+    ),
+    scorer: str | None = typer.Option(
+        None, "--scorer", help="Scorer: the recipe's, a teacher's name, or a model."
+    ),
+    input: Path | None = typer.Option(
+        None, "--input", "-i", help="JSONL of problems (id, question, answer)."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to write."),
+    beam_width: int | None = typer.Option(None, "--beam-width", help="B: trajectories kept per problem."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Rounds before live beams are closed."),
+    strategy: str | None = typer.Option(None, "--strategy", help="cord | single | curate"),
+    seed: int | None = typer.Option(None, "--seed", help="Base of every sampling seed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+) -> None:
+    """Synthesize step-wise multi-teacher reasoning traces for every problem of the input."""
+    from cordgen.config import resolve_recipe
+
+    overrides = dict(
+        teachers=split_list(teachers),
+        scorer=scorer,
+        input=input,
+        out=out,
+        beam_width=beam_width,
+        max_steps=max_steps,
+        strategy=strategy,
+        seed=seed,
+    )
+    with user_errors():
+        resolved = resolve_recipe(config, overrides)
+        if dry_run:
+            yaml.safe_dump(resolved.model_dump(mode="json"), sys.stdout, sort_keys=False)
+            return
+        run_synth(resolved, quiet)
+
+
+def run_synth(recipe, quiet: bool) -> None:
+    from rich.console import Console
+
+    from cordgen.progress import RecordTally, RichProgress
+    from cordgen.synth import NoObserver, execute, plan_run
+
+    plan = plan_run(recipe)
+    console = Console(stderr=True, quiet=quiet)
+    if not plan.todo:
+        console.print(f"all {len(plan.problems)} problems are already in {plan.run_dir.results_path}")
+        return
+    tally = RecordTally()
+    if quiet:
+        execute(plan, NoObserver(), tally)
+        return
+    done = len(plan.problems) - len(plan.todo)
+    with RichProgress(console, len(plan.problems), done) as progress:
+        execute(plan, progress, tally)
+    console.print(tally.table())
+    console.print(f"results: {plan.run_dir.results_path}")
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ ignored default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,10 +22,9 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineSettings(StrictModel):
-    """How one vLLM engine is loaded. Two roles with equal settings share one engine."""
+class EngineDefaults(StrictModel):
+    """Engine settings without a model: applied to models named directly on the command line."""
 
-    model: str = Field(min_length=1, description="Hugging Face id or local directory")
     tokenizer: str | None = Field(None, description="defaults to the model's own")
     revision: str | None = None
     dtype: str = "auto"
@@ -44,6 +44,16 @@ class EngineSettings(StrictModel):
     enforce_eager: bool = False
     seed: int = 0
     trust_remote_code: bool = False
+
+
+class EngineSettings(EngineDefaults):
+    """How one vLLM engine is loaded. Two roles with equal settings share one engine."""
+
+    model: str = Field(min_length=1, description="Hugging Face id or local directory")
+
+    @classmethod
+    def for_model(cls, model: str, defaults: EngineDefaults) -> EngineSettings:
+        return cls(model=model, **defaults.model_dump())
 
 
 class StepFormat(StrictModel):
@@ -70,7 +80,6 @@ class SamplingSettings(StrictModel):
     n: int = Field(1, ge=1, description="candidate steps per beam per round")
     max_step_tokens: int = Field(2048, gt=0)
     max_answer_tokens: int = Field(4096, gt=0)
-    seed: int = Field(0, description="base of the per-request seeds")
 
 
 class TeacherConfig(StrictModel):
@@ -93,10 +102,37 @@ class ScorerConfig(StrictModel):
     )
 
 
+Strategy = Literal["cord", "single", "curate"]
+
+
+class SearchConfig(StrictModel):
+    strategy: Strategy = Field("cord", description="cord | single (one teacher) | curate (best whole trace)")
+    beam_width: int = Field(4, ge=1, description="B: partial trajectories kept per problem")
+    max_steps: int = Field(64, ge=1, description="rounds before a problem's live beams are closed")
+    thinking_budget: int = Field(16384, gt=0, description="tokens of thinking before a beam is closed")
+    curate_samples: int = Field(4, ge=1, description="whole traces per teacher under `curate`")
+
+
+class InputConfig(StrictModel):
+    path: str | None = None
+    id_field: str = "id"
+    question_field: str = "question"
+    answer_field: str = "answer"
+
+
+class OutputConfig(StrictModel):
+    path: str | None = Field(None, description="the run directory")
+
+
 class Recipe(StrictModel):
+    seed: int = Field(0, description="base of every per-request sampling seed")
     format: StepFormat = StepFormat()
+    engine_defaults: EngineDefaults = EngineDefaults()
     teachers: list[TeacherConfig] = Field(min_length=1)
     scorer: ScorerConfig
+    search: SearchConfig = SearchConfig()
+    input: InputConfig = InputConfig()
+    output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
     def _unique_teacher_names(self) -> Recipe:
@@ -104,6 +140,8 @@ class Recipe(StrictModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate teacher name(s): {', '.join(duplicates)}")
+        if self.search.strategy == "single" and len(self.teachers) != 1:
+            raise ValueError(f"strategy 'single' needs exactly one teacher, got {len(self.teachers)}")
         return self
 
 
@@ -138,3 +176,88 @@ def load_recipe(path: str | Path) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+
+
+def _validated(data: dict[str, Any], source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from exc
+
+
+def _model_teacher(spec: str, recipe_defaults: EngineDefaults, taken: set[str]) -> TeacherConfig:
+    """A teacher named on the command line by model id or path, named after its last part."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(spec.rstrip("/")).name).lstrip("-._") or "teacher"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}-{k}", k + 1
+    return TeacherConfig(name=name, engine=EngineSettings.for_model(spec, recipe_defaults))
+
+
+def looks_like_model(spec: str) -> bool:
+    return "/" in spec or Path(spec).expanduser().exists()
+
+
+def pick_teachers(recipe: Recipe | None, specs: list[str]) -> list[TeacherConfig]:
+    """Teachers by recipe name, or by model id / path with the recipe's engine defaults."""
+    known = {t.name: t for t in recipe.teachers} if recipe else {}
+    defaults = recipe.engine_defaults if recipe else EngineDefaults()
+    chosen: list[TeacherConfig] = []
+    for spec in specs:
+        if spec in known:
+            chosen.append(known[spec])
+        elif looks_like_model(spec):
+            chosen.append(_model_teacher(spec, defaults, {t.name for t in chosen} | set(known)))
+        else:
+            names = ", ".join(known) or "none (no --config given)"
+            raise ConfigError(f"--teachers: unknown teacher {spec!r}; the recipe has: {names}")
+    return chosen
+
+
+def pick_scorer(recipe: Recipe | None, spec: str, teachers: list[TeacherConfig]) -> ScorerConfig:
+    """A scorer by name (the recipe's scorer or any teacher, sharing its engine) or by model."""
+    template = recipe.scorer if recipe else None
+    suffix = {"answer_suffix": template.answer_suffix} if template else {}
+    if template is not None and spec == template.name:
+        return template
+    by_name = {t.name: t for t in [*(recipe.teachers if recipe else []), *teachers]}
+    if spec in by_name:
+        return ScorerConfig(name=spec, engine=by_name[spec].engine, chat=by_name[spec].chat, **suffix)
+    if looks_like_model(spec):
+        defaults = recipe.engine_defaults if recipe else EngineDefaults()
+        return ScorerConfig(engine=EngineSettings.for_model(spec, defaults), **suffix)
+    raise ConfigError(f"--scorer: unknown scorer {spec!r}; name a teacher, the recipe's scorer or a model")
+
+
+def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
+    """The recipe file (if any) with command-line overrides applied and validated again.
+
+    `overrides` keys: teachers (list of names/models), scorer, input, out, beam_width,
+    max_steps, strategy, seed; None means "keep the recipe's". Without a recipe, the first
+    teacher also scores, as the paper's strongest teacher does.
+    """
+    recipe = load_recipe(path) if path is not None else None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if recipe is None and "teachers" not in given:
+        raise ConfigError("give a recipe with --config or the teachers with --teachers")
+    teachers = pick_teachers(recipe, given["teachers"]) if "teachers" in given else recipe.teachers
+    if "scorer" in given:
+        scorer = pick_scorer(recipe, given["scorer"], teachers)
+    elif recipe is not None:
+        scorer = recipe.scorer
+    else:
+        scorer = pick_scorer(None, teachers[0].name, teachers)
+    data = recipe.model_dump() if recipe else {}
+    data["teachers"] = [t.model_dump() for t in teachers]
+    data["scorer"] = scorer.model_dump()
+    search = data.setdefault("search", {})
+    for key in ("beam_width", "max_steps", "strategy"):
+        if key in given:
+            search[key] = given[key]
+    if "seed" in given:
+        data["seed"] = given["seed"]
+    if "input" in given:
+        data.setdefault("input", {})["path"] = str(given["input"])
+    if "out" in given:
+        data.setdefault("output", {})["path"] = str(given["out"])
+    return _validated(data, "command line" if recipe is None else f"{path} with command-line overrides")

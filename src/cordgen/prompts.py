@@ -8,6 +8,7 @@ heterogeneous teachers see the same trajectory in their own format.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,15 @@ def step_header(fmt: StepFormat, index: int) -> str:
 def render_steps(fmt: StepFormat, steps: Sequence[str]) -> str:
     """The thinking so far; each step's text is what followed its header, verbatim."""
     return "".join(step_header(fmt, i) + text for i, text in enumerate(steps, start=1))
+
+
+def split_trace(fmt: StepFormat, text: str) -> tuple[tuple[str, ...], str | None]:
+    """A whole generated trace (continuing after `### Step 1.`) as (step texts, answer text);
+    the answer is None when thinking never closed."""
+    thinking, closed, answer = text.partition(fmt.think_close)
+    pattern = re.escape(fmt.marker) + r" \d+\."
+    steps = tuple(re.split(pattern, thinking))
+    return steps, (answer if closed else None)
 
 
 def think_opener(fmt: StepFormat, generation_prompt: str) -> str:

@@ -28,7 +28,6 @@ from cordgen.engines import (
 from cordgen.errors import ConfigError, EngineError
 from cordgen.prompts import ChatPrompt
 
-
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -91,7 +90,7 @@ class EnginePool:
 
 def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, VllmTeacher], VllmScorer]:
     teachers = {
-        t.name: VllmTeacher(t, pool.model(t.engine), recipe.format) for t in recipe.teachers
+        t.name: VllmTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
     }
     return teachers, VllmScorer(recipe.scorer, pool.model(recipe.scorer.engine), recipe.format)
 
@@ -107,8 +106,9 @@ def finish_reason_of(completion: Any, fmt: StepFormat) -> FinishReason:
 
 
 class VllmTeacher:
-    def __init__(self, config: TeacherConfig, model: VllmModel, fmt: StepFormat) -> None:
+    def __init__(self, config: TeacherConfig, model: VllmModel, fmt: StepFormat, seed: int = 0) -> None:
         self.name = config.name
+        self.seed = seed
         self.config = config
         self.model = model
         self.fmt = fmt
@@ -128,24 +128,30 @@ class VllmTeacher:
         )
 
     def _seed(self, key: tuple[str | int, ...], sample: int) -> int:
-        return derive_seed(self.config.sampling.seed, self.name, *key, sample)
+        return derive_seed(self.seed, self.name, *key, sample)
 
-    def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]:
-        """Every request's n samples of its next step, from one engine call."""
-        prompts, params, slots = [], [], []
-        results: list[list[StepCandidate | None]] = [[None] * r.n for r in requests]
-        stop = [self.fmt.marker, self.fmt.think_close]
-        for i, request in enumerate(requests):
-            ids = self.chat.step_prompt_ids(request.question, request.steps)
-            room = min(self.config.sampling.max_step_tokens, self.model.max_model_len - len(ids))
-            for sample in range(request.n):
+    def _sample(
+        self,
+        prompts: Sequence[list[int]],
+        seed_keys: Sequence[tuple[str | int, ...]],
+        counts: Sequence[int],
+        stop: list[str] | None,
+        limit: int,
+    ) -> list[list[StepCandidate]]:
+        """n seeded samples per prompt in one engine call; a prompt with no room left in the
+        context window yields empty LENGTH samples instead of failing the whole batch."""
+        batch, params, slots = [], [], []
+        results: list[list[StepCandidate | None]] = [[None] * n for n in counts]
+        for i, (ids, key) in enumerate(zip(prompts, seed_keys)):
+            room = min(limit, self.model.max_model_len - len(ids))
+            for sample in range(len(results[i])):
                 if room <= 0:
                     results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.LENGTH, sample)
                     continue
-                prompts.append(ids)
-                params.append(self._params(self._seed(request.seed_key, sample), room, stop))
+                batch.append(ids)
+                params.append(self._params(self._seed(key, sample), room, stop))
                 slots.append((i, sample))
-        for (i, sample), output in zip(slots, self.model.generate(prompts, params)):
+        for (i, sample), output in zip(slots, self.model.generate(batch, params)):
             completion = output.outputs[0]
             results[i][sample] = StepCandidate(
                 teacher=self.name,
@@ -156,28 +162,30 @@ class VllmTeacher:
             )
         return [[c for c in row if c is not None] for row in results]
 
+    def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]:
+        """Every request's n samples of its next step, from one engine call."""
+        prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
+        stop = [self.fmt.marker, self.fmt.think_close]
+        keys, counts = [r.seed_key for r in requests], [r.n for r in requests]
+        return self._sample(prompts, keys, counts, stop, self.config.sampling.max_step_tokens)
+
+    def solve(self, requests: Sequence[ProposeRequest], max_tokens: int) -> list[list[StepCandidate]]:
+        """n whole traces (thinking and answer) per request, from one engine call: curation."""
+        prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
+        return self._sample(
+            prompts, [r.seed_key for r in requests], [r.n for r in requests], None, max_tokens
+        )
+
     def answer(self, requests: Sequence[AnswerRequest]) -> list[FinalAnswer]:
         """The text after `</think>` for each finished trajectory, from one engine call."""
-        prompts, params, slots = [], [], []
-        results: list[FinalAnswer | None] = [None] * len(requests)
-        for i, request in enumerate(requests):
-            ids = self.chat.answer_prompt_ids(request.question, request.steps)
-            room = min(self.config.sampling.max_answer_tokens, self.model.max_model_len - len(ids))
-            if room <= 0:
-                results[i] = FinalAnswer(self.name, "", 0, FinishReason.LENGTH)
-                continue
-            prompts.append(ids)
-            params.append(self._params(self._seed(("answer", *request.seed_key), 0), room, None))
-            slots.append(i)
-        for i, output in zip(slots, self.model.generate(prompts, params)):
-            completion = output.outputs[0]
-            results[i] = FinalAnswer(
-                teacher=self.name,
-                text=completion.text,
-                num_tokens=len(completion.token_ids),
-                finish_reason=finish_reason_of(completion, self.fmt),
-            )
-        return [r for r in results if r is not None]
+        prompts = [self.chat.answer_prompt_ids(r.question, r.steps) for r in requests]
+        keys = [("answer", *r.seed_key) for r in requests]
+        limit = self.config.sampling.max_answer_tokens
+        samples = self._sample(prompts, keys, [1] * len(requests), None, limit)
+        return [FinalAnswer(c.teacher, c.text, c.num_tokens, c.finish_reason) for (c,) in samples]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(self.chat.encode(text)) for text in texts]
 
 
 def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
@@ -230,7 +238,9 @@ class VllmScorer:
             )
         return ids, len(context), answer
 
-    def _run(self, prepared: list[tuple[list[int], int, list[int]]], indices: Sequence[int], reuse: bool) -> dict[int, AnswerScore | None]:
+    def _run(
+        self, prepared: list[tuple[list[int], int, list[int]]], indices: Sequence[int], reuse: bool
+    ) -> dict[int, AnswerScore | None]:
         params = SamplingParams(
             max_tokens=1,
             temperature=0.0,
@@ -245,11 +255,15 @@ class VllmScorer:
             for i, output in zip(chunk, outputs):
                 ids, start, answer = prepared[i]
                 logprobs = read_answer_logprobs(output, start, answer)
-                scores[i] = None if logprobs is None else AnswerScore(
-                    answer_logprobs=logprobs,
-                    num_prompt_tokens=len(ids),
-                    num_cached_tokens=output.num_cached_tokens or 0,
-                    rescored=not reuse and self.config.reuse_prefix_cache,
+                scores[i] = (
+                    None
+                    if logprobs is None
+                    else AnswerScore(
+                        answer_logprobs=logprobs,
+                        num_prompt_tokens=len(ids),
+                        num_cached_tokens=output.num_cached_tokens or 0,
+                        rescored=not reuse and self.config.reuse_prefix_cache,
+                    )
                 )
         return scores
 

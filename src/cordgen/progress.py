@@ -1,0 +1,104 @@
+"""What a person watching a long synthesis sees: live progress and a closing summary."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from cordgen.records import TraceRecord
+from cordgen.synth import RoundReport
+
+
+def rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:,.0f} tok/s" if seconds > 0 else "-"
+
+
+def throughput(report: RoundReport) -> str:
+    parts = [
+        f"{name} {rate(report.generated_tokens.get(name, 0), seconds)}"
+        for name, seconds in report.teacher_seconds.items()
+    ]
+    parts.append(f"scorer {rate(report.scored_tokens, report.scorer_seconds)}")
+    return " · ".join(parts)
+
+
+class RichProgress:
+    """Problems done / total with ETA; the status line shows the round, live beams and each
+    engine's tokens per second (teachers: generated, scorer: prompt tokens read)."""
+
+    def __init__(self, console: Console, total: int, already_done: int = 0) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]synth"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=console,
+        )
+        self.task = self.progress.add_task(
+            "synth", total=total, completed=already_done, status="starting engines"
+        )
+
+    def __enter__(self) -> RichProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def round_finished(self, report: RoundReport) -> None:
+        status = f"round {report.round} · {report.live_beams} beams · {throughput(report)}"
+        self.progress.update(self.task, advance=report.finished_problems, status=status)
+
+
+class RecordTally:
+    """Keeps what the summary needs from each record written in this run."""
+
+    def __init__(self) -> None:
+        self.records: list[TraceRecord] = []
+        self.started = time.perf_counter()
+
+    def __call__(self, records: Sequence[TraceRecord]) -> None:
+        self.records.extend(records)
+
+    def table(self) -> Table:
+        """Per teacher: steps it wrote in the kept traces (first proposer) and steps it proposed
+        identically to an earlier teacher, with the tokens it generated."""
+        steps = Counter(s.teacher for r in self.records for s in r.result.steps)
+        agreed = Counter(t for r in self.records for s in r.result.steps for t in s.teachers[1:])
+        tokens: Counter[str] = Counter()
+        for r in self.records:
+            tokens.update(r.usage.generated_tokens)
+        total_steps = sum(steps.values()) or 1
+        matched = sum(
+            r.result.final_answer is not None and r.result.final_answer.extracted == r.answer
+            for r in self.records
+        )
+        table = Table(title="cordgen synth", show_header=True)
+        for column in ("teacher", "steps kept", "share", "also proposed", "tokens generated"):
+            table.add_column(column, justify="right" if column != "teacher" else "left")
+        for teacher in sorted(set(steps) | set(tokens)):
+            share = f"{steps[teacher] / total_steps:.0%}"
+            table.add_row(teacher, str(steps[teacher]), share, str(agreed[teacher]), f"{tokens[teacher]:,}")
+        count = len(self.records)
+        scored = sum(r.usage.scored_tokens for r in self.records)
+        computed = sum(r.usage.scored_tokens_computed for r in self.records)
+        table.caption = (
+            f"{count} problems · answer equals gold (exact text): {matched}/{count} · "
+            f"unfinished: {sum(not r.result.finished for r in self.records)} · "
+            f"scorer tokens {scored:,} ({computed:,} computed) · {time.perf_counter() - self.started:.1f} s"
+        )
+        return table

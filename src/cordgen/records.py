@@ -1,0 +1,117 @@
+"""The output record: one JSON line per problem, with per-step provenance.
+
+Every step says which teacher(s) proposed it, its score and its token count, so later passes
+(scoring, export, COMPACT's per-teacher weighting) never need to re-run the search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from cordgen.answers import extract_answer
+from cordgen.engines import FinalAnswer
+from cordgen.search import Beam
+
+SCHEMA_VERSION = 1
+
+
+class RecordModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StepRecord(RecordModel):
+    index: int = Field(ge=1)
+    text: str
+    teacher: str  # the author: the first teacher that proposed this step
+    teachers: list[str]  # every teacher that proposed the identical step from the same parent
+    score: float | None  # S of the trajectory up to and including this step
+    perplexity: float | None  # 1 / S
+    num_tokens: int
+    round: int
+    finish_reason: str
+
+
+class FinalAnswerRecord(RecordModel):
+    teacher: str
+    text: str
+    extracted: str | None
+    num_tokens: int
+    finish_reason: str
+
+
+class TrajectoryRecord(RecordModel):
+    steps: list[StepRecord]
+    score: float | None
+    closed_by: str
+    finished: bool  # thinking ended (by the model or the budget) rather than the search giving up
+    num_tokens: int
+    final_answer: FinalAnswerRecord | None = None
+
+
+class Usage(RecordModel):
+    rounds: int = 0
+    generated_tokens: dict[str, int] = Field(default_factory=dict)  # per teacher, answers included
+    scored_requests: int = 0
+    scored_tokens: int = 0  # prompt tokens sent to the scorer
+    scored_tokens_computed: int = 0  # of those, not served from the prefix cache
+
+    def add_generated(self, teacher: str, tokens: int) -> None:
+        self.generated_tokens[teacher] = self.generated_tokens.get(teacher, 0) + tokens
+
+
+class TraceRecord(RecordModel):
+    schema_version: int = SCHEMA_VERSION
+    cordgen_version: str
+    id: str
+    question: str
+    answer: str  # the gold answer
+    strategy: str
+    teachers: list[str]  # every teacher of the run, in order
+    result: TrajectoryRecord
+    alternatives: list[TrajectoryRecord]  # the other finished trajectories, best first
+    usage: Usage
+
+    def to_json_line(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json")) + b"\n"
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def trajectory_record(beam: Beam, answer: FinalAnswer | None = None) -> TrajectoryRecord:
+    steps = [
+        StepRecord(
+            index=i,
+            text=step.text,
+            teacher=step.teacher,
+            teachers=list(step.teachers),
+            score=finite(step.score),
+            perplexity=finite(1 / step.score) if step.score else None,
+            num_tokens=step.num_tokens,
+            round=step.round,
+            finish_reason=step.finish_reason.value,
+        )
+        for i, step in enumerate(beam.steps, start=1)
+    ]
+    final = None
+    if answer is not None:
+        final = FinalAnswerRecord(
+            teacher=answer.teacher,
+            text=answer.text,
+            extracted=extract_answer(answer.text),
+            num_tokens=answer.num_tokens,
+            finish_reason=answer.finish_reason.value,
+        )
+    closed_by = beam.closed_by
+    return TrajectoryRecord(
+        steps=steps,
+        score=finite(beam.score),
+        closed_by=closed_by.value if closed_by else "open",
+        finished=bool(closed_by and closed_by.finished),
+        num_tokens=beam.num_tokens,
+        final_answer=final,
+    )

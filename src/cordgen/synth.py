@@ -1,0 +1,355 @@
+"""The synthesis loop: all problems advance in lockstep, engine calls stay batched at the edge.
+
+Per round, each teacher gets ONE propose call holding every live beam of every live problem and
+the scorer ONE call holding every distinct candidate; the choices between calls are the pure
+functions of `cordgen.search`. Problems leave the batch as they finish, and their records go to
+the sink at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from cordgen import __version__
+from cordgen.config import Recipe
+from cordgen.engines import (
+    AnswerRequest,
+    FinalAnswer,
+    FinishReason,
+    ProposeRequest,
+    Scorer,
+    ScoreRequest,
+    StepCandidate,
+    Teacher,
+)
+from cordgen.errors import ConfigError
+from cordgen.problems import Problem, load_problems
+from cordgen.prompts import split_trace
+from cordgen.records import TraceRecord, Usage, trajectory_record
+from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse
+from cordgen.store import RunDirectory
+
+RecordSink = Callable[[Sequence[TraceRecord]], None]  # one call per round
+
+
+@dataclass
+class RoundReport:
+    """What one round did, for progress displays and throughput figures."""
+
+    round: int
+    live_problems: int
+    live_beams: int
+    finished_problems: int = 0
+    generated_tokens: dict[str, int] = field(default_factory=dict)
+    teacher_seconds: dict[str, float] = field(default_factory=dict)
+    scored_tokens: int = 0
+    scorer_seconds: float = 0.0
+
+    def teacher_timed(self, name: str, started: float) -> None:
+        self.teacher_seconds[name] = self.teacher_seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def scorer_timed(self, started: float) -> None:
+        self.scorer_seconds += time.perf_counter() - started
+
+
+class Observer(Protocol):
+    def round_finished(self, report: RoundReport) -> None: ...
+
+
+class NoObserver:
+    def round_finished(self, report: RoundReport) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    """The engines and settings one synthesis shares across its rounds."""
+
+    recipe: Recipe
+    teachers: Mapping[str, Teacher]
+    scorer: Scorer
+    sink: RecordSink
+    observer: Observer = field(default_factory=NoObserver)
+
+    def record(
+        self, problem: Problem, result: Beam, alternatives: Sequence[Beam], answer: FinalAnswer, usage: Usage
+    ) -> TraceRecord:
+        return TraceRecord(
+            id=problem.id,
+            question=problem.question,
+            answer=problem.answer,
+            strategy=self.recipe.search.strategy,
+            teachers=list(self.teachers),
+            result=trajectory_record(result, answer),
+            alternatives=[trajectory_record(b) for b in alternatives],
+            usage=usage,
+            cordgen_version=__version__,
+        )
+
+
+def synthesize(
+    problems: Sequence[Problem],
+    teachers: Mapping[str, Teacher],
+    scorer: Scorer,
+    recipe: Recipe,
+    sink: RecordSink,
+    observer: Observer | None = None,
+) -> None:
+    """Runs the recipe's strategy over every problem, handing each record to `sink` as it finishes."""
+    run = Run(recipe, teachers, scorer, sink, observer or NoObserver())
+    if recipe.search.strategy == "curate":
+        curate(run, problems)
+    else:
+        beam_search(run, problems)
+
+
+def beam_search(run: Run, problems: Sequence[Problem]) -> None:
+    config = run.recipe.search
+    searches = {p.id: ProblemSearch() for p in problems}
+    usage = {p.id: Usage() for p in problems}
+    live = list(problems)
+    round_index = 0
+    while live:
+        round_index += 1
+        report = RoundReport(round_index, len(live), sum(len(searches[p.id].frontier) for p in live))
+        proposals = propose_round(run, live, searches, round_index, usage, report)
+        candidates = {p.id: collapse(proposals[p.id], round_index) for p in live}
+        scores = score_round(run, live, searches, candidates, usage, report)
+        for p in live:
+            searches[p.id] = searches[p.id].advance(candidates[p.id], scores[p.id], config)
+            usage[p.id].rounds = round_index
+        finishing = [p for p in live if searches[p.id].done(config)]
+        finish_problems(run, finishing, {p.id: searches[p.id].outcome() for p in finishing}, usage, report)
+        live = [p for p in live if not searches[p.id].done(config)]
+        report.finished_problems = len(finishing)
+        run.observer.round_finished(report)
+
+
+def propose_round(
+    run: Run,
+    live: Sequence[Problem],
+    searches: Mapping[str, ProblemSearch],
+    round_index: int,
+    usage: Mapping[str, Usage],
+    report: RoundReport,
+) -> dict[str, list[tuple[int, StepCandidate]]]:
+    """ONE propose call per teacher over every live beam; per problem, proposals in (parent,
+    teacher, sample) order. Seeds are keyed by (problem, round, beam, teacher, sample)."""
+    slots = [(p, parent, beam) for p in live for parent, beam in enumerate(searches[p.id].frontier)]
+    samples = {t.name: t.sampling.n for t in run.recipe.teachers}
+    results = {}
+    for name, teacher in run.teachers.items():
+        requests = [
+            ProposeRequest(p.question, beam.texts, samples[name], (p.id, round_index, parent))
+            for p, parent, beam in slots
+        ]
+        started = time.perf_counter()
+        results[name] = teacher.propose(requests)
+        report.teacher_timed(name, started)
+    proposals: dict[str, list[tuple[int, StepCandidate]]] = {p.id: [] for p in live}
+    for slot, (problem, parent, _) in enumerate(slots):
+        for name in run.teachers:
+            for candidate in results[name][slot]:
+                proposals[problem.id].append((parent, candidate))
+                usage[problem.id].add_generated(name, candidate.num_tokens)
+                report.generated_tokens[name] = report.generated_tokens.get(name, 0) + candidate.num_tokens
+    return proposals
+
+
+def score_round(
+    run: Run,
+    live: Sequence[Problem],
+    searches: Mapping[str, ProblemSearch],
+    candidates: Mapping[str, Sequence[Candidate]],
+    usage: Mapping[str, Usage],
+    report: RoundReport,
+) -> dict[str, list[float]]:
+    """ONE scorer call over every distinct candidate of every live problem."""
+    owners, requests = [], []
+    for p in live:
+        frontier = searches[p.id].frontier
+        for c in candidates[p.id]:
+            owners.append(p.id)
+            requests.append(ScoreRequest(p.question, frontier[c.parent].texts + (c.step.text,), p.answer))
+    started = time.perf_counter()
+    results = run.scorer.score(requests)
+    report.scorer_timed(started)
+    scores: dict[str, list[float]] = {p.id: [] for p in live}
+    for owner, result in zip(owners, results):
+        scores[owner].append(result.score)
+        count_scoring(usage[owner], report, result.num_prompt_tokens, result.num_cached_tokens)
+    return scores
+
+
+def count_scoring(usage: Usage, report: RoundReport, prompt_tokens: int, cached_tokens: int) -> None:
+    usage.scored_requests += 1
+    usage.scored_tokens += prompt_tokens
+    usage.scored_tokens_computed += prompt_tokens - cached_tokens
+    report.scored_tokens += prompt_tokens
+
+
+def finish_problems(
+    run: Run,
+    finishing: Sequence[Problem],
+    outcomes: Mapping[str, tuple[Beam, tuple[Beam, ...]]],
+    usage: Mapping[str, Usage],
+    report: RoundReport,
+) -> None:
+    """The author of each result's last step writes its final answer: ONE answer call per
+    teacher over every problem finishing this round, then each record goes to the sink."""
+    first_teacher = next(iter(run.teachers))
+    by_teacher: dict[str, list[Problem]] = {}
+    for p in finishing:
+        result = outcomes[p.id][0]
+        by_teacher.setdefault(result.steps[-1].teacher if result.steps else first_teacher, []).append(p)
+    answers = {}
+    for name, group in by_teacher.items():
+        requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,)) for p in group]
+        started = time.perf_counter()
+        for p, answer in zip(group, run.teachers[name].answer(requests)):
+            answers[p.id] = answer
+            usage[p.id].add_generated(name, answer.num_tokens)
+        report.teacher_timed(name, started)
+    run.sink([run.record(p, *outcomes[p.id], answers[p.id], usage[p.id]) for p in finishing])
+
+
+@dataclass(frozen=True)
+class WholeTrace:
+    problem: Problem
+    teacher: str
+    steps: tuple[str, ...]
+    answer_text: str | None
+    sample: StepCandidate
+
+
+def curate(run: Run, problems: Sequence[Problem]) -> None:
+    """The paper's curation baseline: every teacher writes whole traces (ONE call each), the
+    scorer reads the gold answer after each full trace (ONE call), the best trace is kept."""
+    config = run.recipe.search
+    report = RoundReport(1, len(problems), len(problems) * len(run.teachers) * config.curate_samples)
+    usage = {p.id: Usage(rounds=1) for p in problems}
+    answer_budget = {t.name: t.sampling.max_answer_tokens for t in run.recipe.teachers}
+    traces: list[WholeTrace] = []
+    for name, teacher in run.teachers.items():
+        requests = [ProposeRequest(p.question, (), config.curate_samples, (p.id, "curate")) for p in problems]
+        started = time.perf_counter()
+        outputs = teacher.solve(requests, config.thinking_budget + answer_budget[name])
+        report.teacher_timed(name, started)
+        for p, samples in zip(problems, outputs):
+            for sample in samples:
+                steps, answer_text = split_trace(run.recipe.format, sample.text)
+                traces.append(WholeTrace(p, name, steps, answer_text, sample))
+                usage[p.id].add_generated(name, sample.num_tokens)
+                report.generated_tokens[name] = report.generated_tokens.get(name, 0) + sample.num_tokens
+    started = time.perf_counter()
+    scores = run.scorer.score(
+        [ScoreRequest(tr.problem.question, tr.steps, tr.problem.answer) for tr in traces]
+    )
+    report.scorer_timed(started)
+    beams: dict[str, list[tuple[Beam, WholeTrace]]] = {p.id: [] for p in problems}
+    for trace, score in zip(traces, scores):
+        count_scoring(usage[trace.problem.id], report, score.num_prompt_tokens, score.num_cached_tokens)
+        beams[trace.problem.id].append((trace_beam(run, trace, score.score), trace))
+    finish_curated(run, problems, beams, usage, report)
+    report.finished_problems = len(problems)
+    run.observer.round_finished(report)
+
+
+def trace_beam(run: Run, trace: WholeTrace, score: float) -> Beam:
+    """A whole trace as a beam: only its last step carries a score (the trace's)."""
+    counts = run.teachers[trace.teacher].count_tokens(trace.steps)
+    closed = trace.answer_text is not None
+    last = FinishReason.END_OF_THINKING if closed else FinishReason.LENGTH
+    steps = tuple(
+        Step(text, (trace.teacher,), count, last if i == len(trace.steps) - 1 else FinishReason.STEP, 1)
+        for i, (text, count) in enumerate(zip(trace.steps, counts))
+    )
+    return Beam(
+        steps[:-1] + (replace(steps[-1], score=score),),
+        ClosedBy.END_OF_THINKING if closed else ClosedBy.BUDGET,
+    )
+
+
+def finish_curated(
+    run: Run,
+    problems: Sequence[Problem],
+    beams: Mapping[str, list[tuple[Beam, WholeTrace]]],
+    usage: Mapping[str, Usage],
+    report: RoundReport,
+) -> None:
+    """Keeps each problem's best trace; its own answer stands, and a trace cut off before
+    `</think>` gets one written by its teacher (ONE answer call per teacher)."""
+    chosen = {}
+    for p in problems:
+        ranked = sorted(range(len(beams[p.id])), key=lambda i: (-beams[p.id][i][0].score, i))
+        chosen[p.id] = [beams[p.id][i] for i in ranked]
+    answers = {}
+    unanswered: dict[str, list[Problem]] = {}
+    for p in problems:
+        beam, trace = chosen[p.id][0]
+        if trace.answer_text is None:
+            unanswered.setdefault(trace.teacher, []).append(p)
+        else:
+            (tokens,) = run.teachers[trace.teacher].count_tokens([trace.answer_text])
+            answers[p.id] = FinalAnswer(trace.teacher, trace.answer_text, tokens, trace.sample.finish_reason)
+    for name, group in unanswered.items():
+        requests = [AnswerRequest(p.question, chosen[p.id][0][0].texts, (p.id,)) for p in group]
+        started = time.perf_counter()
+        for p, answer in zip(group, run.teachers[name].answer(requests)):
+            answers[p.id] = answer
+            usage[p.id].add_generated(name, answer.num_tokens)
+        report.teacher_timed(name, started)
+    run.sink(
+        [
+            run.record(p, chosen[p.id][0][0], [b for b, _ in chosen[p.id][1:]], answers[p.id], usage[p.id])
+            for p in problems
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run checked end to end before any model loads: input read, output directory ready."""
+
+    recipe: Recipe
+    run_dir: RunDirectory
+    problems: tuple[Problem, ...]
+    todo: tuple[Problem, ...]
+
+
+def plan_run(recipe: Recipe) -> Plan:
+    if recipe.input.path is None:
+        raise ConfigError("no input: give --input or input.path in the recipe")
+    if recipe.output.path is None:
+        raise ConfigError("no output: give --out or output.path in the recipe")
+    fields = recipe.input
+    problems = load_problems(
+        fields.path,
+        id_field=fields.id_field,
+        question_field=fields.question_field,
+        answer_field=fields.answer_field,
+    )
+    run_dir = RunDirectory.create(recipe.output.path, recipe)
+    done = run_dir.completed_ids()
+    return Plan(recipe, run_dir, tuple(problems), tuple(p for p in problems if p.id not in done))
+
+
+def execute(plan: Plan, observer: Observer, on_records: RecordSink) -> None:
+    """Loads each distinct engine once, synthesizes the problems still to do, shuts engines down."""
+    from cordgen.engines.vllm_local import EnginePool, build_roles
+
+    pool = EnginePool()
+    try:
+        teachers, scorer = build_roles(plan.recipe, pool)
+        with plan.run_dir.writer() as writer:
+
+            def sink(records: Sequence[TraceRecord]) -> None:
+                writer.append(records)
+                on_records(records)
+
+            synthesize(plan.todo, teachers, scorer, plan.recipe, sink, observer)
+    finally:
+        pool.shutdown()
