@@ -87,11 +87,18 @@ def synth(
     max_steps: int | None = typer.Option(None, "--max-steps", help="Rounds before live beams are closed."),
     strategy: str | None = typer.Option(None, "--strategy", help="cord | single | curate"),
     seed: int | None = typer.Option(None, "--seed", help="Base of every sampling seed."),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/N: only the problems whose id hashes to shard i."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the run directory over."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
 ) -> None:
-    """Synthesize step-wise multi-teacher reasoning traces for every problem of the input."""
+    """Synthesize step-wise multi-teacher reasoning traces for every problem of the input.
+
+    Re-running the same command resumes: finished problems are kept and skipped."""
     from cordgen.config import resolve_recipe
+    from cordgen.problems import parse_shard
 
     overrides = dict(
         teachers=split_list(teachers),
@@ -105,32 +112,64 @@ def synth(
     )
     with user_errors():
         resolved = resolve_recipe(config, overrides)
+        chosen_shard = parse_shard(shard) if shard is not None else None
         if dry_run:
             yaml.safe_dump(resolved.model_dump(mode="json"), sys.stdout, sort_keys=False)
             return
-        run_synth(resolved, quiet)
+        from cordgen.synth import plan_run
+
+        plan = plan_run(resolved, chosen_shard, overwrite)
+    run_synth(plan, quiet)
 
 
-def run_synth(recipe, quiet: bool) -> None:
+def run_synth(plan, quiet: bool) -> None:
     from rich.console import Console
 
     from cordgen.progress import RecordTally, RichProgress
-    from cordgen.synth import NoObserver, execute, plan_run
+    from cordgen.synth import GracefulStop, Interrupted, NoObserver, execute
 
-    plan = plan_run(recipe)
     console = Console(stderr=True, quiet=quiet)
     if not plan.todo:
         console.print(f"all {len(plan.problems)} problems are already in {plan.run_dir.results_path}")
         return
     tally = RecordTally()
-    if quiet:
-        execute(plan, NoObserver(), tally)
-        return
-    done = len(plan.problems) - len(plan.todo)
-    with RichProgress(console, len(plan.problems), done) as progress:
-        execute(plan, progress, tally)
+    try:
+        with GracefulStop(lambda message: typer.echo(message, err=True)) as stop:
+            if quiet:
+                execute(plan, NoObserver(), tally, stop)
+            else:
+                with RichProgress(
+                    console, len(plan.problems), len(plan.problems) - len(plan.todo)
+                ) as progress:
+                    execute(plan, progress, tally, stop)
+    except Interrupted:
+        again = "the same command without --overwrite" if plan.overwrite else "the same command"
+        typer.echo(f"interrupted; re-run {again} to resume ({plan.run_dir.path})", err=True)
+        raise typer.Exit(130) from None
     console.print(tally.table())
     console.print(f"results: {plan.run_dir.results_path}")
+
+
+@app.command()
+def merge(
+    runs: list[Path] = typer.Argument(..., help="Run directories of the shards to merge."),
+    out: Path = typer.Option(..., "--out", "-o", help="The merged run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace results already in --out."),
+) -> None:
+    """Union shard runs of one config and input into one run directory."""
+    from cordgen.store import merge_runs
+
+    with user_errors():
+        report = merge_runs(runs, out, overwrite)
+    typer.echo(
+        f"merged {report.sources} runs: {report.problems} problems, {report.duplicates} duplicates dropped, "
+        f"{len(report.conflicts)} conflicting, {len(report.missing)} missing -> {out}",
+        err=True,
+    )
+    for label, ids in (("conflicting", report.conflicts), ("missing", report.missing)):
+        if ids:
+            shown = ", ".join(ids[:20]) + (" ..." if len(ids) > 20 else "")
+            typer.echo(f"{label} ids: {shown}", err=True)
 
 
 def main() -> None:

@@ -6,16 +6,21 @@ ignored default.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cordgen.errors import ConfigError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Marks a setting that changes speed or memory but never results: it stays out of the semantic
+# hash, so a resumed run may change it.
+THROUGHPUT: dict[str, Any] = {"throughput": True}
 
 
 class StrictModel(BaseModel):
@@ -29,19 +34,29 @@ class EngineDefaults(StrictModel):
     revision: str | None = None
     dtype: str = "auto"
     max_model_len: int | None = Field(None, gt=0)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=THROUGHPUT)
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="on CPU builds of vLLM: the fraction of host memory"
+        0.9,
+        gt=0,
+        le=1,
+        description="on CPU builds of vLLM: the fraction of host memory",
+        json_schema_extra=THROUGHPUT,
     )
     kv_cache_memory_bytes: int | None = Field(
-        None, gt=0, description="explicit KV-cache size; overrides gpu_memory_utilization"
+        None,
+        gt=0,
+        description="explicit KV-cache size; overrides gpu_memory_utilization",
+        json_schema_extra=THROUGHPUT,
     )
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(True, json_schema_extra=THROUGHPUT)
     block_size: int | None = Field(
-        None, gt=0, description="KV-cache block (prefix-cache granularity); vLLM's default if unset"
+        None,
+        gt=0,
+        description="KV-cache block (prefix-cache granularity); vLLM's default if unset",
+        json_schema_extra=THROUGHPUT,
     )
-    max_num_seqs: int | None = Field(None, gt=0)
-    enforce_eager: bool = False
+    max_num_seqs: int | None = Field(None, gt=0, json_schema_extra=THROUGHPUT)
+    enforce_eager: bool = Field(False, json_schema_extra=THROUGHPUT)
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -96,9 +111,12 @@ class ScorerConfig(StrictModel):
     engine: EngineSettings
     chat: ChatSettings = ChatSettings()
     answer_suffix: str = "</think> The final answer is "
-    reuse_prefix_cache: bool = True
+    reuse_prefix_cache: bool = Field(True, json_schema_extra=THROUGHPUT)
     max_requests_per_call: int = Field(
-        256, gt=0, description="bounds the prompt-logprob memory of one engine call"
+        256,
+        gt=0,
+        description="bounds the prompt-logprob memory of one engine call",
+        json_schema_extra=THROUGHPUT,
     )
 
 
@@ -114,14 +132,14 @@ class SearchConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    path: str | None = None
+    path: str | None = Field(None, json_schema_extra=THROUGHPUT)  # the content hash is checked instead
     id_field: str = "id"
     question_field: str = "question"
     answer_field: str = "answer"
 
 
 class OutputConfig(StrictModel):
-    path: str | None = Field(None, description="the run directory")
+    path: str | None = Field(None, description="the run directory", json_schema_extra=THROUGHPUT)
 
 
 class Recipe(StrictModel):
@@ -143,6 +161,33 @@ class Recipe(StrictModel):
         if self.search.strategy == "single" and len(self.teachers) != 1:
             raise ValueError(f"strategy 'single' needs exactly one teacher, got {len(self.teachers)}")
         return self
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_source(model: str) -> str:
+    """A local directory, or a hub id; anything else is a path that does not exist."""
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    if HUB_ID.match(model) and not model.startswith((".", "~")):
+        return model
+    raise ConfigError(f"model path does not exist: {model}")
+
+
+def check_sources(recipe: Recipe) -> None:
+    """Every model, tokenizer and chat template the recipe names exists, before anything loads."""
+    from cordgen.prompts import load_chat_template
+
+    for role in [*recipe.teachers, recipe.scorer]:
+        resolve_model_source(role.engine.model)
+        if role.engine.tokenizer is not None:
+            resolve_model_source(role.engine.tokenizer)
+        try:
+            load_chat_template(role.chat.chat_template)
+        except ConfigError as error:
+            raise ConfigError(f"{role.name}: {error}") from None
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -261,3 +306,44 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     if "out" in given:
         data.setdefault("output", {})["path"] = str(given["out"])
     return _validated(data, "command line" if recipe is None else f"{path} with command-line overrides")
+
+
+def semantic_view(model: BaseModel) -> dict[str, Any]:
+    """The settings that change results (models, prompts, search, sampling, seeds), as plain data."""
+    view: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        if field.json_schema_extra == THROUGHPUT:
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            value = semantic_view(value)
+        elif isinstance(value, list):
+            value = [semantic_view(v) if isinstance(v, BaseModel) else v for v in value]
+        view[name] = value
+    return view
+
+
+def semantic_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(orjson.dumps(semantic_view(recipe), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def describe_differences(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """`search.beam_width (4 -> 2), ...` for the semantic settings that differ."""
+    before, after = flatten(old), flatten(new)
+    changed = [k for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    parts = [f"{k} ({before.get(k, '-')!r} -> {after.get(k, '-')!r})" for k in changed[:limit]]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(parts) + more

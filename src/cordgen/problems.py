@@ -126,3 +126,36 @@ def _wrong_type(where: str, field: str, expected: str, value: Any) -> CordgenErr
 def _kind(value: Any) -> str:
     """JSON's name for null, Python's for the rest (`list`, `dict`, `float`, ...)."""
     return "null" if value is None else type(value).__name__
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count` (0-based): the problems whose id hashes there."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def holds(self, problem: Problem) -> bool:
+        return shard_of(problem.id, self.count) == self.index
+
+
+def parse_shard(spec: str) -> Shard:
+    index, slash, count = spec.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+        raise CordgenError(f"--shard: {spec!r} is not of the form i/N (e.g. 0/4)")
+    shard = Shard(int(index), int(count))
+    if shard.count < 1 or shard.index >= shard.count:
+        raise CordgenError(f"--shard: {spec!r} needs 0 <= i < N")
+    return shard
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, read in blocks: inputs can be large."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

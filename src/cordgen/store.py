@@ -1,8 +1,9 @@
-"""The run directory: the resolved recipe beside an append-only results file.
+"""The run directory: resolved recipe, manifest, and an append-only results file.
 
-Results are one JSON line per finished problem, appended and fsynced once per round, so a crash
-loses at most the round in flight. A torn last line (a crash mid-write) is cut off on open and
-that problem is computed again; it is never parsed as data.
+Results are one JSON line per finished problem, appended with one write and one fsync per round,
+so a crash loses at most the round in flight. A torn last line (power loss, a kill mid-write) is
+cut off before the run resumes and that problem is computed again; it is never parsed as data.
+Every check runs before the first write, so a refused command leaves the directory as it was.
 """
 
 from __future__ import annotations
@@ -10,18 +11,26 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, Literal
 
 import orjson
 import yaml
+from pydantic import BaseModel, ValidationError
 
-from cordgen.config import Recipe
+from cordgen import __version__
+from cordgen.config import Recipe, describe_differences, semantic_hash, semantic_view
 from cordgen.errors import CordgenError
 from cordgen.records import TraceRecord
 
 RESULTS = "results.jsonl"
 CONFIG = "config.yaml"
+MANIFEST = "manifest.json"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -34,45 +43,104 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+class InputInfo(BaseModel):
+    path: str
+    sha256: str
+    problems: int
+
+
+class Manifest(BaseModel):
+    cordgen_version: str
+    semantic_hash: str
+    semantic_config: dict[str, Any]
+    input: InputInfo
+    shard: str | None
+    problems: int  # in this run (its shard)
+    completed: int
+    status: Literal["running", "interrupted", "failed", "complete", "partial"]
+    started_at: str
+    updated_at: str
+    finished_at: str | None = None
+    sessions: int = 1  # how many times the run was started or resumed
+
+    @classmethod
+    def start(cls, recipe: Recipe, input_info: InputInfo, shard: str | None, problems: int) -> Manifest:
+        stamp = now()
+        return cls(
+            cordgen_version=__version__,
+            semantic_hash=semantic_hash(recipe),
+            semantic_config=semantic_view(recipe),
+            input=input_info,
+            shard=shard,
+            problems=problems,
+            completed=0,
+            status="running",
+            started_at=stamp,
+            updated_at=stamp,
+        )
+
+
 class ResultsWriter:
-    def __init__(self, handle: BinaryIO) -> None:
-        self.handle = handle
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
 
     def append(self, records: Sequence[TraceRecord]) -> None:
-        """One round's finished problems, durable before the next round starts."""
-        if not records:
-            return
-        self.handle.write(b"".join(record.to_json_line() for record in records))
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
+        """One round's finished problems in one write, durable before the next round starts."""
+        data = memoryview(b"".join(record.to_json_line() for record in records))
+        while data:
+            data = data[os.write(self.fd, data) :]
+        os.fsync(self.fd)
 
 
 class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.results_path = self.path / RESULTS
+        self.manifest_path = self.path / MANIFEST
 
-    @classmethod
-    def create(cls, path: str | Path, recipe: Recipe) -> RunDirectory:
-        run = cls(path)
-        if run.path.exists() and not run.path.is_dir():
-            raise CordgenError(f"{run.path}: output path is a file, not a run directory")
-        run.path.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-        write_atomically(run.path / CONFIG, text.encode())
-        return run
+    def manifest(self) -> Manifest | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return Manifest.model_validate(orjson.loads(self.manifest_path.read_bytes()))
+        except (orjson.JSONDecodeError, ValidationError):
+            raise CordgenError(f"{self.manifest_path}: corrupt manifest") from None
+
+    def check_resumable(self, recipe: Recipe, shard: str | None) -> Manifest | None:
+        """The existing run's manifest if this recipe may continue it; refuses otherwise."""
+        if self.path.exists() and not self.path.is_dir():
+            raise CordgenError(f"{self.path}: output path is a file, not a run directory")
+        manifest = self.manifest()
+        if manifest is None:
+            if self.results_path.exists():
+                raise CordgenError(
+                    f"{self.results_path}: results without {MANIFEST}; not a cordgen run "
+                    "(use --overwrite or another --out)"
+                )
+            return None
+        if manifest.semantic_hash != semantic_hash(recipe):
+            differences = describe_differences(manifest.semantic_config, semantic_view(recipe))
+            raise CordgenError(
+                f"{self.path}: results come from a different config: {differences} "
+                "(use --overwrite to start over, or another --out)"
+            )
+        if manifest.shard != shard:
+            raise CordgenError(
+                f"{self.path}: this run is shard {manifest.shard or 'none'}, not {shard or 'none'}"
+            )
+        return manifest
+
+    def complete_lines(self) -> tuple[list[bytes], int]:
+        """Whole result lines, and the size of the file up to the last of them."""
+        if not self.results_path.exists():
+            return [], 0
+        data = self.results_path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        return data[:end].splitlines(), end
 
     def completed_ids(self) -> set[str]:
-        """Ids already written; drops a torn last line left by a crash."""
-        if not self.results_path.exists():
-            return set()
-        data = self.results_path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) != len(data):
-            with open(self.results_path, "r+b") as handle:
-                handle.truncate(len(complete))
         ids = set()
-        for line_no, line in enumerate(complete.splitlines(), start=1):
+        for line_no, line in enumerate(self.complete_lines()[0], start=1):
             try:
                 ids.add(orjson.loads(line)["id"])
             except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -80,14 +148,101 @@ class RunDirectory:
         return ids
 
     def records(self) -> Iterator[TraceRecord]:
-        if not self.results_path.exists():
-            return
-        with open(self.results_path, "rb") as handle:
-            for line in handle:
-                if line.endswith(b"\n"):
-                    yield TraceRecord.model_validate(orjson.loads(line))
+        for line_no, line in enumerate(self.complete_lines()[0], start=1):
+            try:
+                yield TraceRecord.model_validate(orjson.loads(line))
+            except (orjson.JSONDecodeError, ValidationError):
+                raise CordgenError(f"{self.results_path}:{line_no}: corrupt result line") from None
+
+    def begin(self, recipe: Recipe, manifest: Manifest, overwrite: bool) -> None:
+        """The first writes of a run: clears it if asked, drops a torn last line, saves the
+        resolved recipe and the manifest."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in (RESULTS, MANIFEST, CONFIG):
+                (self.path / name).unlink(missing_ok=True)
+        _, end = self.complete_lines()
+        if self.results_path.exists() and end != self.results_path.stat().st_size:
+            os.truncate(self.results_path, end)
+        text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+        write_atomically(self.path / CONFIG, text.encode())
+        self.save(manifest)
+
+    def save(self, manifest: Manifest) -> None:
+        manifest.updated_at = now()
+        write_atomically(self.manifest_path, manifest.model_dump_json(indent=2).encode())
 
     @contextmanager
     def writer(self) -> Iterator[ResultsWriter]:
-        with open(self.results_path, "ab") as handle:
-            yield ResultsWriter(handle)
+        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            yield ResultsWriter(fd)
+        finally:
+            os.close(fd)
+
+
+class MergeReport(BaseModel):
+    sources: int
+    problems: int  # distinct problems written
+    duplicates: int  # the same problem, identical record, in more than one source
+    conflicts: list[str]  # the same problem with different records: the first source's is kept
+    missing: list[str]  # problems of the input in no source
+
+
+def input_ids(manifest: Manifest) -> list[str] | None:
+    """The input's ids in file order, if the input is still where the run read it, unchanged."""
+    from cordgen.problems import file_digest, load_problems
+
+    path = Path(manifest.input.path)
+    if not path.is_file() or file_digest(path) != manifest.input.sha256:
+        return None
+    fields = manifest.semantic_config.get("input", {})
+    keys = ("id_field", "question_field", "answer_field")
+    return [p.id for p in load_problems(path, **{k: fields[k] for k in keys if k in fields})]
+
+
+def merge_runs(sources: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> MergeReport:
+    """Unions shard runs of one config and one input into a new run directory."""
+    runs = [RunDirectory(s) for s in sources]
+    manifests = []
+    for run in runs:
+        manifest = run.manifest()
+        if manifest is None:
+            raise CordgenError(f"{run.path}: no {MANIFEST}; not a cordgen run directory")
+        manifests.append(manifest)
+    first = manifests[0]
+    for run, manifest in zip(runs[1:], manifests[1:]):
+        if manifest.semantic_hash != first.semantic_hash:
+            differences = describe_differences(first.semantic_config, manifest.semantic_config)
+            raise CordgenError(f"{run.path}: config differs from {runs[0].path}: {differences}")
+        if manifest.input.sha256 != first.input.sha256:
+            raise CordgenError(f"{run.path}: made from another input than {runs[0].path}")
+    target = RunDirectory(out)
+    if target.path.exists() and not target.path.is_dir():
+        raise CordgenError(f"{target.path}: output path is a file, not a run directory")
+    if target.results_path.exists() and not overwrite:
+        raise CordgenError(f"{target.path}: already holds results (use --overwrite)")
+    merged: dict[str, TraceRecord] = {}
+    duplicates, conflicts = 0, []
+    for run in runs:
+        for record in run.records():
+            if record.id not in merged:
+                merged[record.id] = record
+            elif merged[record.id] == record:
+                duplicates += 1
+            else:
+                conflicts.append(record.id)
+    order = input_ids(first)
+    ids = [i for i in order if i in merged] if order is not None else sorted(merged)
+    missing = [i for i in order if i not in merged] if order is not None else []
+    target.path.mkdir(parents=True, exist_ok=True)
+    write_atomically(target.results_path, b"".join(merged[i].to_json_line() for i in ids))
+    (target.path / CONFIG).write_bytes((runs[0].path / CONFIG).read_bytes())
+    manifest = first.model_copy(
+        update={"shard": None, "problems": first.input.problems, "completed": len(ids), "finished_at": now()}
+    )
+    manifest.status = "complete" if not missing and order is not None else "partial"
+    target.save(manifest)
+    return MergeReport(
+        sources=len(runs), problems=len(ids), duplicates=duplicates, conflicts=conflicts, missing=missing
+    )

@@ -8,13 +8,18 @@ the sink at once.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
 
 from cordgen import __version__
-from cordgen.config import Recipe
+from cordgen.config import Recipe, check_sources
 from cordgen.engines import (
     AnswerRequest,
     FinalAnswer,
@@ -25,12 +30,12 @@ from cordgen.engines import (
     StepCandidate,
     Teacher,
 )
-from cordgen.errors import ConfigError
-from cordgen.problems import Problem, load_problems
+from cordgen.errors import ConfigError, CordgenError
+from cordgen.problems import Problem, Shard, file_digest, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
 from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse
-from cordgen.store import RunDirectory
+from cordgen.store import InputInfo, Manifest, RunDirectory, now
 
 RecordSink = Callable[[Sequence[TraceRecord]], None]  # one call per round
 
@@ -73,6 +78,7 @@ class Run:
     scorer: Scorer
     sink: RecordSink
     observer: Observer = field(default_factory=NoObserver)
+    should_stop: Callable[[], bool] = lambda: False
 
     def record(
         self, problem: Problem, result: Beam, alternatives: Sequence[Beam], answer: FinalAnswer, usage: Usage
@@ -97,9 +103,11 @@ def synthesize(
     recipe: Recipe,
     sink: RecordSink,
     observer: Observer | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Runs the recipe's strategy over every problem, handing each record to `sink` as it finishes."""
-    run = Run(recipe, teachers, scorer, sink, observer or NoObserver())
+    """Runs the recipe's strategy over every problem, handing records to `sink` as problems
+    finish; `should_stop` is asked between rounds."""
+    run = Run(recipe, teachers, scorer, sink, observer or NoObserver(), should_stop)
     if recipe.search.strategy == "curate":
         curate(run, problems)
     else:
@@ -112,7 +120,7 @@ def beam_search(run: Run, problems: Sequence[Problem]) -> None:
     usage = {p.id: Usage() for p in problems}
     live = list(problems)
     round_index = 0
-    while live:
+    while live and not run.should_stop():
         round_index += 1
         report = RoundReport(round_index, len(live), sum(len(searches[p.id].frontier) for p in live))
         proposals = propose_round(run, live, searches, round_index, usage, report)
@@ -229,6 +237,8 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
     """The paper's curation baseline: every teacher writes whole traces (ONE call each), the
     scorer reads the gold answer after each full trace (ONE call), the best trace is kept."""
     config = run.recipe.search
+    if run.should_stop():
+        return
     report = RoundReport(1, len(problems), len(problems) * len(run.teachers) * config.curate_samples)
     usage = {p.id: Usage(rounds=1) for p in problems}
     answer_budget = {t.name: t.sampling.max_answer_tokens for t in run.recipe.teachers}
@@ -310,21 +320,58 @@ def finish_curated(
     )
 
 
+class Interrupted(Exception):
+    """The run stopped at a round boundary on request; everything finished so far is written."""
+
+
+class GracefulStop:
+    """First SIGINT/SIGTERM: finish the round in flight, write it, stop. A second one exits at
+    once; the results file is still whole, because every round is a single append."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        self.notify = notify
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def __enter__(self) -> GracefulStop:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            os._exit(128 + signum)
+        self.requested = True
+        self.notify("stopping after the round in flight; press Ctrl-C again to stop at once")
+
+
 @dataclass(frozen=True)
 class Plan:
-    """A run checked end to end before any model loads: input read, output directory ready."""
+    """A run checked end to end before any model loads or any file is written."""
 
     recipe: Recipe
     run_dir: RunDirectory
-    problems: tuple[Problem, ...]
+    manifest: Manifest
+    problems: tuple[Problem, ...]  # this run's (its shard's) problems
     todo: tuple[Problem, ...]
+    overwrite: bool
 
 
-def plan_run(recipe: Recipe) -> Plan:
+def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False) -> Plan:
     if recipe.input.path is None:
         raise ConfigError("no input: give --input or input.path in the recipe")
     if recipe.output.path is None:
         raise ConfigError("no output: give --out or output.path in the recipe")
+    check_sources(recipe)
     fields = recipe.input
     problems = load_problems(
         fields.path,
@@ -332,24 +379,69 @@ def plan_run(recipe: Recipe) -> Plan:
         question_field=fields.question_field,
         answer_field=fields.answer_field,
     )
-    run_dir = RunDirectory.create(recipe.output.path, recipe)
-    done = run_dir.completed_ids()
-    return Plan(recipe, run_dir, tuple(problems), tuple(p for p in problems if p.id not in done))
+    chosen = tuple(p for p in problems if shard is None or shard.holds(p))
+    info = InputInfo(
+        path=str(Path(fields.path).resolve()), sha256=file_digest(fields.path), problems=len(problems)
+    )
+    run_dir = RunDirectory(recipe.output.path)
+    shard_name = str(shard) if shard else None
+    existing = run_dir.check_resumable(recipe, shard_name) if not overwrite else None
+    if overwrite and run_dir.path.exists() and not run_dir.path.is_dir():
+        raise CordgenError(f"{run_dir.path}: output path is a file, not a run directory")
+    done = run_dir.completed_ids() if existing else set()
+    if existing:
+        manifest = existing.model_copy(
+            update={
+                "input": info,
+                "problems": len(chosen),
+                "status": "running",
+                "sessions": existing.sessions + 1,
+            }
+        )
+    else:
+        manifest = Manifest.start(recipe, info, shard_name, len(chosen))
+    manifest.completed = sum(p.id in done for p in chosen)
+    return Plan(recipe, run_dir, manifest, chosen, tuple(p for p in chosen if p.id not in done), overwrite)
 
 
-def execute(plan: Plan, observer: Observer, on_records: RecordSink) -> None:
-    """Loads each distinct engine once, synthesizes the problems still to do, shuts engines down."""
+def execute(
+    plan: Plan,
+    observer: Observer,
+    on_records: RecordSink,
+    should_stop: Callable[[], bool] = lambda: False,
+    pool: Any = None,
+) -> None:
+    """Writes the run's first files, loads each distinct engine once (or uses `pool`),
+    synthesizes what is still to do, and keeps the manifest's status and counts current."""
     from cordgen.engines.vllm_local import EnginePool, build_roles
 
-    pool = EnginePool()
+    manifest = plan.manifest
+    plan.run_dir.begin(plan.recipe, manifest, plan.overwrite)
+    own_pool = pool is None
+    pool = EnginePool() if own_pool else pool
     try:
         teachers, scorer = build_roles(plan.recipe, pool)
         with plan.run_dir.writer() as writer:
 
             def sink(records: Sequence[TraceRecord]) -> None:
                 writer.append(records)
+                manifest.completed += len(records)
+                plan.run_dir.save(manifest)
                 on_records(records)
 
-            synthesize(plan.todo, teachers, scorer, plan.recipe, sink, observer)
+            synthesize(plan.todo, teachers, scorer, plan.recipe, sink, observer, should_stop)
+    except BaseException:
+        manifest.status = "interrupted" if should_stop() else "failed"
+        plan.run_dir.save(manifest)
+        if should_stop():
+            raise Interrupted() from None
+        raise
     finally:
-        pool.shutdown()
+        if own_pool:
+            pool.shutdown()
+    if manifest.completed < manifest.problems:
+        manifest.status = "interrupted"
+        plan.run_dir.save(manifest)
+        raise Interrupted()
+    manifest.status, manifest.finished_at = "complete", now()
+    plan.run_dir.save(manifest)

@@ -6,15 +6,21 @@ gold answer starts and every role counts tokens the way its engine does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from cordgen.config import EngineSettings, Recipe, SamplingSettings, ScorerConfig, StepFormat, TeacherConfig
+from cordgen.config import (
+    EngineSettings,
+    Recipe,
+    SamplingSettings,
+    ScorerConfig,
+    StepFormat,
+    TeacherConfig,
+    resolve_model_source,
+)
 from cordgen.engines import (
     AnswerRequest,
     AnswerScore,
@@ -25,20 +31,8 @@ from cordgen.engines import (
     StepCandidate,
     derive_seed,
 )
-from cordgen.errors import ConfigError, EngineError
+from cordgen.errors import EngineError
 from cordgen.prompts import ChatPrompt
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_source(model: str) -> str:
-    """A local directory, or a hub id; anything else is a path that does not exist."""
-    local = Path(model).expanduser()
-    if local.exists():
-        return str(local)
-    if HUB_ID.match(model) and not model.startswith((".", "~")):
-        return model
-    raise ConfigError(f"model path does not exist: {model}")
 
 
 def vllm_engine_kwargs(settings: EngineSettings) -> dict[str, Any]:

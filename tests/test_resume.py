@@ -1,0 +1,169 @@
+"""Crashes lose nothing: SIGKILL and Ctrl-C at awkward moments, then resume; shards merge."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from cordgen.config import Recipe
+from cordgen.problems import Shard
+from cordgen.store import RunDirectory, merge_runs
+from cordgen.synth import NoObserver, execute, plan_run
+from tests.test_synth import recipe_data, strip_scores
+from tests.tiny_models import make_problems
+
+pytestmark = pytest.mark.engine
+
+CORDGEN = str(Path(sys.executable).with_name("cordgen"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_model_dirs) -> Path:
+    """One teacher that also scores (one engine per process keeps each start short), on problems
+    it never saw, so beams wander for several rounds and problems finish at different rounds."""
+    root = tmp_path_factory.mktemp("resume")
+    data = recipe_data({"alpha": tiny_model_dirs["alpha"]}, beam_width=3, max_steps=5, thinking_budget=120)
+    data["teachers"][0]["sampling"]["n"] = 2
+    (root / "recipe.yaml").write_text(yaml.safe_dump(data))
+    rows = [
+        {"id": f"u{i}", "question": p.question, "answer": p.answer}
+        for i, p in enumerate(make_problems(24, 99))
+    ]
+    (root / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return root
+
+
+def command(workdir: Path, out: Path) -> list[str]:
+    return [
+        CORDGEN,
+        "synth",
+        "-c",
+        str(workdir / "recipe.yaml"),
+        "-i",
+        str(workdir / "problems.jsonl"),
+        "-o",
+        str(out),
+    ]
+
+
+def result_lines(out: Path) -> int:
+    path = out / "results.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def start_and_interrupt(args: list[str], out: Path, signum: int, delay: float, group: bool = False):
+    """Starts the command in its own process group, waits until it writes a round (+ `delay`),
+    then signals the main process alone or, with `group`, the whole job (engines included) as a
+    terminal's Ctrl-C, an OOM kill of the job or a lost node does."""
+    written = result_lines(out)
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while result_lines(out) == written and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        (os.killpg if group else os.kill)(process.pid, signum)
+        process.wait(timeout=300)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return process.returncode, process.stderr.read()
+
+
+def records_of(out: Path) -> dict[str, dict]:
+    lines = (out / "results.jsonl").read_bytes().splitlines()
+    ids = [orjson.loads(line)["id"] for line in lines]
+    assert len(ids) == len(set(ids)), "a problem was written twice"
+    return {r.id: strip_scores(r) for r in RunDirectory(out).records()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir) -> dict[str, dict]:
+    out = workdir / "whole"
+    finished = subprocess.run([*command(workdir, out), "-q"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    return records_of(out)
+
+
+def test_sigkill_just_after_a_write_and_mid_round_then_resume(workdir, uninterrupted):
+    out = workdir / "killed"
+    args = [*command(workdir, out), "-q"]
+    code, _ = start_and_interrupt(args, out, signal.SIGKILL, delay=0.0, group=True)
+    assert code == -signal.SIGKILL
+    written = result_lines(out)
+    assert 0 < written < len(uninterrupted)
+    code, _ = start_and_interrupt(args, out, signal.SIGKILL, delay=0.15, group=True)
+    assert code == -signal.SIGKILL and written < result_lines(out) < len(uninterrupted)
+    with open(out / "results.jsonl", "ab") as handle:  # as if the kill had torn a write
+        handle.write(b'{"schema_version": 1, "id": "u')
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert records_of(out) == uninterrupted
+    manifest = RunDirectory(out).manifest()
+    assert (
+        manifest.status == "complete" and manifest.completed == len(uninterrupted) and manifest.sessions == 3
+    )
+
+
+def test_ctrl_c_stops_at_the_round_boundary_and_resumes(workdir, uninterrupted):
+    out = workdir / "interrupted"
+    code, stderr = start_and_interrupt(command(workdir, out), out, signal.SIGINT, delay=0.0)
+    assert code == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted; re-run the same command to resume")
+    assert "Traceback" not in stderr
+    assert (out / "results.jsonl").read_bytes().endswith(b"\n")
+    assert RunDirectory(out).manifest().status == "interrupted"
+    finished = subprocess.run([*command(workdir, out), "-q"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert records_of(out) == uninterrupted
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_engines_too(workdir, uninterrupted):
+    """A terminal's Ctrl-C goes to the whole process group, vLLM's engine processes included:
+    the round in flight is lost, everything before it is kept, and the run resumes."""
+    out = workdir / "terminal"
+    code, stderr = start_and_interrupt(command(workdir, out), out, signal.SIGINT, delay=0.05, group=True)
+    assert code == 130, stderr[-2000:]
+    print(stderr[-3000:])
+    assert any(
+        line.startswith("interrupted; re-run the same command to resume") for line in stderr.splitlines()
+    )
+    finished = subprocess.run([*command(workdir, out), "-q"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert records_of(out) == uninterrupted
+
+
+def test_shards_merged_equal_one_unsharded_run(
+    tmp_path, tiny_model_dirs, engine_pool, alpha_model, beta_model
+):
+    data = recipe_data(tiny_model_dirs)
+    rows = [
+        {"id": f"m{i}", "question": p.question, "answer": p.answer}
+        for i, p in enumerate(make_problems(10, 7))
+    ]
+    (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    data["input"] = {"path": str(tmp_path / "problems.jsonl")}
+
+    def run(out: str, shard: Shard | None) -> Path:
+        recipe = Recipe.model_validate({**data, "output": {"path": str(tmp_path / out)}})
+        execute(plan_run(recipe, shard), NoObserver(), lambda records: None, pool=engine_pool)
+        return tmp_path / out
+
+    whole = run("whole", None)
+    shards = [run(f"shard{i}", Shard(i, 3)) for i in range(3)]
+    report = merge_runs(shards, tmp_path / "merged")
+    assert report.problems == 10 and not report.missing and not report.duplicates and not report.conflicts
+    merged = {r.id: strip_scores(r) for r in RunDirectory(tmp_path / "merged").records()}
+    assert [r.id for r in RunDirectory(tmp_path / "merged").records()] == [row["id"] for row in rows]
+    assert merged == {r.id: strip_scores(r) for r in RunDirectory(whole).records()}
