@@ -121,8 +121,8 @@ def existing_run(tmp_path) -> tuple[Path, Path, Path]:
     out = tmp_path / "run"
     plan = plan_run(resolved(recipe_path, input=problems, out=out))
     plan.run_dir.begin(plan.recipe, plan.manifest, False)
-    with plan.run_dir.writer() as writer:
-        writer.append([make_record("q0")])
+    with plan.run_dir.writer() as append:
+        append([make_record("q0")])
     return recipe_path, problems, out
 
 

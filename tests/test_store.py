@@ -40,8 +40,8 @@ def test_a_fresh_run_writes_config_and_manifest(setup):
 def test_resume_skips_written_problems_and_drops_a_torn_line(setup):
     recipe_path, problems, out = setup
     plan = started(resolved(recipe_path, input=problems, out=out))
-    with plan.run_dir.writer() as writer:
-        writer.append([make_record("q0"), make_record("q3")])
+    with plan.run_dir.writer() as append:
+        append([make_record("q0"), make_record("q3")])
     with open(out / "results.jsonl", "ab") as handle:
         handle.write(make_record("q4").to_json_line()[:40])
     again = plan_run(resolved(recipe_path, input=problems, out=out))
@@ -81,8 +81,8 @@ def test_a_different_semantic_config_is_refused_naming_the_fields(setup):
 def test_overwrite_starts_over(setup):
     recipe_path, problems, out = setup
     plan = started(resolved(recipe_path, input=problems, out=out))
-    with plan.run_dir.writer() as writer:
-        writer.append([make_record("q0")])
+    with plan.run_dir.writer() as append:
+        append([make_record("q0")])
     fresh = started(resolved(recipe_path, input=problems, out=out, seed=9), overwrite=True)
     assert len(fresh.todo) == 6 and not (out / "results.jsonl").exists()
 
@@ -106,8 +106,8 @@ def shard_runs(setup, count=2):
     runs = []
     for i in range(count):
         plan = started(resolved(recipe_path, input=problems, out=out / f"s{i}"), Shard(i, count))
-        with plan.run_dir.writer() as writer:
-            writer.append([make_record(p.id) for p in plan.todo])
+        with plan.run_dir.writer() as append:
+            append([make_record(p.id) for p in plan.todo])
         runs.append(plan.run_dir.path)
     return runs
 
@@ -125,8 +125,8 @@ def test_merge_reports_duplicates_conflicts_and_missing(setup, tmp_path):
     runs = shard_runs(setup)
     first = RunDirectory(runs[0])
     ids = sorted(first.completed_ids())
-    with first.writer() as writer:
-        writer.append([make_record(ids[0]), make_record(ids[1], text=" different\n")])
+    with first.writer() as append:
+        append([make_record(ids[0]), make_record(ids[1], text=" different\n")])
     lines = (runs[1] / "results.jsonl").read_bytes().splitlines(keepends=True)
     (runs[1] / "results.jsonl").write_bytes(b"".join(lines[1:]))
     dropped = orjson.loads(lines[0])["id"]

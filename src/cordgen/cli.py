@@ -172,5 +172,104 @@ def merge(
             typer.echo(f"{label} ids: {shown}", err=True)
 
 
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="The run directory to export."),
+    jsonl: Path = typer.Option(..., "--jsonl", help="The JSONL file to write (replaced as a whole)."),
+    format: str = typer.Option("messages", "--format", help="messages | sharegpt (OpenThoughts layout)"),
+    only_correct: bool = typer.Option(
+        False, "--only-correct", help="Keep only traces `cordgen score` graded correct."
+    ),
+    max_perplexity: float | None = typer.Option(
+        None, "--max-perplexity", help="Drop traces whose perplexity is unknown or above this."
+    ),
+    system_prompt: str | None = typer.Option(
+        None, "--system-prompt", help="A system turn for every example."
+    ),
+    think_tags: bool = typer.Option(
+        True, "--think-tags/--no-think-tags", help="Wrap the steps in the run's think tags."
+    ),
+    include_unfinished: bool = typer.Option(
+        False, "--include-unfinished", help="Keep traces whose thinking or answer never finished."
+    ),
+) -> None:
+    """Write a run's traces as chat-format fine-tuning data, one example per line."""
+    from cordgen.export import export_run
+
+    with user_errors():
+        report = export_run(
+            run,
+            jsonl,
+            format=format,
+            only_correct=only_correct,
+            max_perplexity=max_perplexity,
+            system_prompt=system_prompt,
+            think_tags=think_tags,
+            include_unfinished=include_unfinished,
+        )
+    dropped = ", ".join(f"{reason} {count}" for reason, count in report.dropped.items())
+    typer.echo(
+        f"exported {report.kept} of {report.total} traces to {jsonl}"
+        + (f" (dropped: {dropped})" if dropped else ""),
+        err=True,
+    )
+
+
+@app.command()
+def score(
+    source: Path = typer.Argument(..., help="A run directory, or a JSONL of traces from any tool."),
+    scorer: str | None = typer.Option(
+        None, "--scorer", help="Scoring model, or a teacher/scorer of the recipe."
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Scores file (default: beside the traces)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Recipe (a run directory brings its own)."
+    ),
+    question_field: str = typer.Option("question", help="JSONL field of the question."),
+    answer_field: str = typer.Option("answer", help="JSONL field of the gold answer."),
+    response_field: str = typer.Option("response", help="JSONL field of the response text."),
+    messages_field: str = typer.Option(
+        "messages", help="JSONL field of a chat (its last assistant turn is used)."
+    ),
+    id_field: str = typer.Option("id", help="JSONL field of the id (default: the line number)."),
+    batch_size: int = typer.Option(512, min=1, help="Traces per scorer call and per write."),
+    timeout: float = typer.Option(5.0, min=0.1, help="Seconds math-verify may spend on one answer."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the scores file over."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+) -> None:
+    """Per-step predictive perplexity and final-answer correctness (math-verify) for every trace.
+
+    Scores go to a separate file keyed by id; re-running resumes."""
+    from cordgen.scoring import ForeignFields, plan_scoring
+
+    fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
+    with user_errors():
+        plan = plan_scoring(source, out, scorer, config, fields, overwrite)
+    run_score(plan, batch_size, timeout, quiet)
+
+
+def run_score(plan, batch_size: int, timeout: float, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cordgen.progress import score_summary
+    from cordgen.scoring import execute_scoring
+    from cordgen.store import load_scores
+
+    console = Console(stderr=True, quiet=quiet)
+    computed = 0
+    with Progress(console=console, disable=quiet) as progress:
+        task = progress.add_task("score", total=len(plan.traces), completed=len(plan.traces) - len(plan.todo))
+
+        def advance(records, tokens: int) -> None:
+            nonlocal computed
+            computed += tokens
+            progress.advance(task, len(records))
+
+        execute_scoring(plan, advance, batch_size, timeout)
+    console.print(score_summary(plan.traces, load_scores(plan.output.path) or {}, computed))
+    console.print(f"scores: {plan.output.path}")
+
+
 def main() -> None:
     app()

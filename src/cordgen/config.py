@@ -176,18 +176,22 @@ def resolve_model_source(model: str) -> str:
     raise ConfigError(f"model path does not exist: {model}")
 
 
-def check_sources(recipe: Recipe) -> None:
-    """Every model, tokenizer and chat template the recipe names exists, before anything loads."""
+def check_role_sources(role: TeacherConfig | ScorerConfig) -> None:
+    """The role's model, tokenizer and chat template exist, before anything loads."""
     from cordgen.prompts import load_chat_template
 
+    resolve_model_source(role.engine.model)
+    if role.engine.tokenizer is not None:
+        resolve_model_source(role.engine.tokenizer)
+    try:
+        load_chat_template(role.chat.chat_template)
+    except ConfigError as error:
+        raise ConfigError(f"{role.name}: {error}") from None
+
+
+def check_sources(recipe: Recipe) -> None:
     for role in [*recipe.teachers, recipe.scorer]:
-        resolve_model_source(role.engine.model)
-        if role.engine.tokenizer is not None:
-            resolve_model_source(role.engine.tokenizer)
-        try:
-            load_chat_template(role.chat.chat_template)
-        except ConfigError as error:
-            raise ConfigError(f"{role.name}: {error}") from None
+        check_role_sources(role)
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -25,16 +25,16 @@ class Problem:
     answer: str  # the gold final answer the scorer measures trajectories against
 
 
-def load_problems(
+def problem_rows(
     path: str | Path,
     *,
     id_field: str = "id",
     question_field: str = "question",
     answer_field: str = "answer",
-) -> list[Problem]:
-    """All problems of the file, in file order; a row without an id is named by its line number."""
+) -> Iterator[tuple[Problem, dict[str, Any]]]:
+    """Each problem with its raw row, so fields of other tools (a response to score) ride along.
+    A row without an id is named by its line number."""
     path = Path(path)
-    problems: list[Problem] = []
     first_line: dict[str, int] = {}
     for line_no, row in _rows(path):
         where = f"{path}:{line_no}"
@@ -48,7 +48,12 @@ def load_problems(
                 f"{where}: {id_field}: duplicate id {problem.id!r} (first on line {first_line[problem.id]})"
             )
         first_line[problem.id] = line_no
-        problems.append(problem)
+        yield problem, row
+
+
+def load_problems(path: str | Path, **fields: str) -> list[Problem]:
+    """All problems of the file, in file order."""
+    problems = [problem for problem, _ in problem_rows(path, **fields)]
     if not problems:
         raise CordgenError(f"{path}: no problems in input")
     return problems

@@ -17,7 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from cordgen.records import TraceRecord
+from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.scoring import Trace, percentile
 from cordgen.synth import RoundReport
 
 
@@ -102,3 +103,31 @@ class RecordTally:
             f"scorer tokens {scored:,} ({computed:,} computed) · {time.perf_counter() - self.started:.1f} s"
         )
         return table
+
+
+def score_summary(traces: Sequence[Trace], scores: dict[str, ScoreRecord], computed_tokens: int) -> Table:
+    """Accuracy, perplexity spread and who wrote the kept steps, over every trace scored so far."""
+    scored = [scores[t.id] for t in traces if t.id in scores]
+    statuses = Counter(s.grade.status for s in scored)
+    perplexities = [s.perplexity for s in scored if s.perplexity is not None]
+    table = Table(title="cordgen score", show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    judged = statuses["correct"] + statuses["wrong"]
+    table.add_row("traces scored", f"{len(scored)} of {len(traces)}")
+    table.add_row("accuracy (of judged)", f"{statuses['correct'] / judged:.1%}" if judged else "-")
+    table.add_row(
+        "unparsable / timeout / error",
+        f"{statuses['unparsable']} / {statuses['timeout']} / {statuses['error']}",
+    )
+    if perplexities:
+        table.add_row("perplexity mean", f"{sum(perplexities) / len(perplexities):.3f}")
+        table.add_row(
+            "perplexity p50 / p90",
+            f"{percentile(perplexities, 0.5):.3f} / {percentile(perplexities, 0.9):.3f}",
+        )
+    authors = Counter(a for t in traces for a in t.teachers)
+    for teacher, count in sorted(authors.items()):
+        table.add_row(f"steps by {teacher}", f"{count / sum(authors.values()):.0%}")
+    table.add_row("scorer tokens computed (this pass)", f"{computed_tokens:,}")
+    return table

@@ -7,6 +7,7 @@ Every step says which teacher(s) proposed it, its score and its token count, so 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -115,3 +116,32 @@ def trajectory_record(beam: Beam, answer: FinalAnswer | None = None) -> Trajecto
         num_tokens=beam.num_tokens,
         final_answer=final,
     )
+
+
+class Grade(RecordModel):
+    """Final-answer correctness against the gold answer (math-verify)."""
+
+    status: Literal["correct", "wrong", "unparsable", "timeout", "error"]
+    correct: bool | None  # None when the answer could not be judged
+    predicted: str | None  # the answer as parsed from the trace, if any
+
+
+class StepScore(RecordModel):
+    index: int = Field(ge=1)
+    score: float | None  # S of the trajectory up to and including this step
+    perplexity: float | None
+
+
+class ScoreRecord(RecordModel):
+    """One line of `scores.jsonl`, written next to a run's records by `cordgen score`: new
+    fields keyed by problem id, the records themselves never rewritten."""
+
+    id: str
+    scorer: str
+    steps: list[StepScore]
+    score: float | None  # S after the whole thinking trajectory
+    perplexity: float | None
+    grade: Grade
+
+    def to_json_line(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json")) + b"\n"

@@ -9,11 +9,11 @@ Every check runs before the first write, so a refused command leaves the directo
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import orjson
 import yaml
@@ -22,11 +22,12 @@ from pydantic import BaseModel, ValidationError
 from cordgen import __version__
 from cordgen.config import Recipe, describe_differences, semantic_hash, semantic_view
 from cordgen.errors import CordgenError
-from cordgen.records import TraceRecord
+from cordgen.records import ScoreRecord, TraceRecord
 
 RESULTS = "results.jsonl"
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
+SCORES = "scores.jsonl"  # written by `cordgen score` beside the records
 
 
 def now() -> str:
@@ -80,22 +81,64 @@ class Manifest(BaseModel):
         )
 
 
-class ResultsWriter:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+class JsonLine(Protocol):
+    def to_json_line(self) -> bytes: ...
 
-    def append(self, records: Sequence[TraceRecord]) -> None:
-        """One round's finished problems in one write, durable before the next round starts."""
-        data = memoryview(b"".join(record.to_json_line() for record in records))
-        while data:
-            data = data[os.write(self.fd, data) :]
-        os.fsync(self.fd)
+
+class JsonlLog:
+    """An append-only JSONL file of rows keyed by "id": whole lines only, one write and one fsync
+    per batch, and a torn last line (a crash mid-write) cut off before appending again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def complete_lines(self) -> tuple[list[bytes], int]:
+        """Whole lines, and the size of the file up to the last of them."""
+        if not self.path.exists():
+            return [], 0
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        return data[:end].splitlines(), end
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for line_no, line in enumerate(self.complete_lines()[0], start=1):
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                raise CordgenError(f"{self.path}:{line_no}: corrupt result line")
+            yield row
+
+    def ids(self) -> set[str]:
+        return {row["id"] for row in self.rows()}
+
+    def repair(self) -> None:
+        _, end = self.complete_lines()
+        if self.path.exists() and end != self.path.stat().st_size:
+            os.truncate(self.path, end)
+
+    @contextmanager
+    def appender(self) -> Iterator[Callable[[Sequence[JsonLine]], None]]:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+        def append(rows: Sequence[JsonLine]) -> None:
+            data = memoryview(b"".join(row.to_json_line() for row in rows))
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+
+        try:
+            yield append
+        finally:
+            os.close(fd)
 
 
 class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.results_path = self.path / RESULTS
+        self.results = JsonlLog(self.results_path)
         self.manifest_path = self.path / MANIFEST
 
     def manifest(self) -> Manifest | None:
@@ -130,29 +173,17 @@ class RunDirectory:
             )
         return manifest
 
-    def complete_lines(self) -> tuple[list[bytes], int]:
-        """Whole result lines, and the size of the file up to the last of them."""
-        if not self.results_path.exists():
-            return [], 0
-        data = self.results_path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        return data[:end].splitlines(), end
-
     def completed_ids(self) -> set[str]:
-        ids = set()
-        for line_no, line in enumerate(self.complete_lines()[0], start=1):
-            try:
-                ids.add(orjson.loads(line)["id"])
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                raise CordgenError(f"{self.results_path}:{line_no}: corrupt result line") from None
-        return ids
+        return self.results.ids()
 
     def records(self) -> Iterator[TraceRecord]:
-        for line_no, line in enumerate(self.complete_lines()[0], start=1):
+        for row in self.results.rows():
             try:
-                yield TraceRecord.model_validate(orjson.loads(line))
-            except (orjson.JSONDecodeError, ValidationError):
-                raise CordgenError(f"{self.results_path}:{line_no}: corrupt result line") from None
+                yield TraceRecord.model_validate(row)
+            except ValidationError:
+                raise CordgenError(
+                    f"{self.results_path}: record {row['id']!r} does not fit the record schema"
+                ) from None
 
     def begin(self, recipe: Recipe, manifest: Manifest, overwrite: bool) -> None:
         """The first writes of a run: clears it if asked, drops a torn last line, saves the
@@ -161,9 +192,7 @@ class RunDirectory:
         if overwrite:
             for name in (RESULTS, MANIFEST, CONFIG):
                 (self.path / name).unlink(missing_ok=True)
-        _, end = self.complete_lines()
-        if self.results_path.exists() and end != self.results_path.stat().st_size:
-            os.truncate(self.results_path, end)
+        self.results.repair()
         text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
         write_atomically(self.path / CONFIG, text.encode())
         self.save(manifest)
@@ -172,13 +201,23 @@ class RunDirectory:
         manifest.updated_at = now()
         write_atomically(self.manifest_path, manifest.model_dump_json(indent=2).encode())
 
-    @contextmanager
-    def writer(self) -> Iterator[ResultsWriter]:
-        fd = os.open(self.results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    def writer(self) -> AbstractContextManager[Callable[[Sequence[JsonLine]], None]]:
+        """Appends one round's records in one write, durable before the next round starts."""
+        return self.results.appender()
+
+
+def load_scores(path: Path) -> dict[str, ScoreRecord] | None:
+    """`cordgen score`'s lines by problem id, or None where the run was never scored. A torn last
+    line is a scoring pass cut short, not data; a later line for an id (a re-score) wins."""
+    if not path.exists():
+        return None
+    scores = {}
+    for row in JsonlLog(path).rows():
         try:
-            yield ResultsWriter(fd)
-        finally:
-            os.close(fd)
+            scores[row["id"]] = ScoreRecord.model_validate(row)
+        except ValidationError:
+            raise CordgenError(f"{path}: scores of {row['id']!r} do not fit the score schema") from None
+    return scores
 
 
 class MergeReport(BaseModel):

@@ -421,10 +421,10 @@ def execute(
     pool = EnginePool() if own_pool else pool
     try:
         teachers, scorer = build_roles(plan.recipe, pool)
-        with plan.run_dir.writer() as writer:
+        with plan.run_dir.writer() as append:
 
             def sink(records: Sequence[TraceRecord]) -> None:
-                writer.append(records)
+                append(records)
                 manifest.completed += len(records)
                 plan.run_dir.save(manifest)
                 on_records(records)

@@ -82,11 +82,15 @@ class EnginePool:
         self._models.clear()
 
 
+def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> VllmScorer:
+    return VllmScorer(config, pool.model(config.engine), fmt)
+
+
 def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, VllmTeacher], VllmScorer]:
     teachers = {
         t.name: VllmTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
     }
-    return teachers, VllmScorer(recipe.scorer, pool.model(recipe.scorer.engine), recipe.format)
+    return teachers, build_scorer(recipe.scorer, recipe.format, pool)
 
 
 def finish_reason_of(completion: Any, fmt: StepFormat) -> FinishReason:

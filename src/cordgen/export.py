@@ -1,0 +1,173 @@
+"""A run's traces as supervised fine-tuning data: one chat example per problem, in JSONL.
+
+The thinking is rendered with the run's own step markers and think tags, so a student learns the
+format its teachers wrote in. Every row has the same metadata keys and JSON types, so `datasets`
+infers one schema without being given features. Where `cordgen score` has written scores.jsonl,
+its scores and grades replace the search-time ones stored in the records.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import orjson
+from pydantic import BaseModel
+
+from cordgen.config import StepFormat, load_recipe
+from cordgen.errors import CordgenError
+from cordgen.prompts import render_steps
+from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.store import CONFIG, RESULTS, SCORES, RunDirectory, load_scores
+
+ExportFormat = Literal["messages", "sharegpt"]
+FORMATS: tuple[ExportFormat, ...] = ("messages", "sharegpt")
+
+
+class ExportReport(BaseModel):
+    kept: int
+    dropped: dict[str, int]  # traces left out, by reason
+
+    @property
+    def total(self) -> int:
+        return self.kept + sum(self.dropped.values())
+
+
+def step_format(run: RunDirectory) -> StepFormat:
+    """The markers the run's teachers wrote with; a run copied without its recipe gets the defaults."""
+    path = run.path / CONFIG
+    return load_recipe(path).format if path.exists() else StepFormat()
+
+
+def assistant_text(record: TraceRecord, fmt: StepFormat, think_tags: bool) -> str:
+    """Steps verbatim, as the teachers wrote them; the answer loses the whitespace that joined it
+    to the closing tag during generation. A trace without an answer ends with its thinking."""
+    thinking = render_steps(fmt, [step.text for step in record.result.steps])
+    final = record.result.final_answer
+    answer = final.text.strip() if final is not None else ""
+    thinking = f"{fmt.think_open}\n{thinking}{fmt.think_close}" if think_tags else thinking.strip()
+    return f"{thinking}\n\n{answer}" if answer else thinking
+
+
+def metadata(record: TraceRecord, scored: ScoreRecord | None) -> dict[str, Any]:
+    """Provenance and quality signals to filter or weight examples by after export."""
+    result = record.result
+    if scored is None:
+        step_scores = [step.score for step in result.steps]
+        perplexity = result.steps[-1].perplexity if result.steps else None  # 1 / the result's score
+        score, correct = result.score, None
+        predicted = result.final_answer.extracted if result.final_answer is not None else None
+    else:
+        by_index = {step.index: step.score for step in scored.steps}
+        step_scores = [by_index.get(step.index) for step in result.steps]
+        score, perplexity, correct = scored.score, scored.perplexity, scored.grade.correct
+        predicted = scored.grade.predicted
+    return {
+        "id": record.id,
+        "gold_answer": record.answer,
+        "strategy": record.strategy,
+        "teachers": [step.teacher for step in result.steps],
+        "step_scores": step_scores,
+        "score": score,
+        "perplexity": perplexity,
+        "correct": correct,
+        "predicted_answer": predicted,
+        "num_tokens": result.num_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class Filters:
+    only_correct: bool
+    max_perplexity: float | None
+    include_unfinished: bool
+
+    def reason(self, record: TraceRecord, scored: ScoreRecord | None, meta: dict[str, Any]) -> str | None:
+        """Why a trace stays out, the first reason that applies; None keeps it."""
+        result = record.result
+        if not self.include_unfinished and (result.final_answer is None or not result.finished):
+            return "unfinished"
+        if self.only_correct and scored is None:
+            return "not scored"
+        if self.only_correct and meta["correct"] is not True:
+            return "not correct"
+        limit, perplexity = self.max_perplexity, meta["perplexity"]
+        if limit is not None and (perplexity is None or perplexity > limit):
+            return f"perplexity above {limit:g}"
+        return None
+
+
+def example(question: str, text: str, meta: dict[str, Any], format: ExportFormat, system: str | None) -> dict:
+    if format == "sharegpt":
+        turns = [{"from": "user", "value": question}, {"from": "assistant", "value": text}]
+        return {"system": system or "", "conversations": turns, "metadata": meta}
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return {"messages": messages, "metadata": meta}
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[BinaryIO]:
+    """Streams into a temporary file beside `path`, moved into place only once complete and
+    durable: a failure midway leaves whatever `path` held before, and no temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_target(run: RunDirectory, out: Path) -> None:
+    if out.is_dir():
+        raise CordgenError(f"{out}: output path is a directory")
+    if out.resolve() in {run.results_path.resolve(), (run.path / SCORES).resolve()}:
+        raise CordgenError(f"{out}: would replace the run's own records; choose another --jsonl")
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    format: ExportFormat = "messages",
+    only_correct: bool = False,
+    max_perplexity: float | None = None,
+    system_prompt: str | None = None,
+    think_tags: bool = True,
+    include_unfinished: bool = False,
+) -> ExportReport:
+    """Writes one training example per kept trace to `out`, all of them or, on any error, nothing."""
+    run, out = RunDirectory(run_dir), Path(out)
+    if format not in FORMATS:
+        raise CordgenError(f"--format: {format!r} is not one of: {', '.join(FORMATS)}")
+    if not run.results_path.is_file():
+        raise CordgenError(f"{run.path}: no {RESULTS}; not a cordgen run directory")
+    scores = load_scores(run.path / SCORES)
+    if only_correct and scores is None:
+        raise CordgenError(
+            f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
+        )
+    check_target(run, out)
+    fmt, filters = step_format(run), Filters(only_correct, max_perplexity, include_unfinished)
+    report = ExportReport(kept=0, dropped={})
+    with atomic_output(out) as handle:
+        for record in run.records():
+            scored = scores.get(record.id) if scores is not None else None
+            meta = metadata(record, scored)
+            reason = filters.reason(record, scored, meta)
+            if reason is not None:
+                report.dropped[reason] = report.dropped.get(reason, 0) + 1
+                continue
+            text = assistant_text(record, fmt, think_tags)
+            handle.write(orjson.dumps(example(record.question, text, meta, format, system_prompt)) + b"\n")
+            report.kept += 1
+    return report

@@ -1,0 +1,221 @@
+"""`cordgen score`: per-step predictive perplexity and answer correctness for finished traces.
+
+Works on cordgen's own run directories and on plain JSONL traces made by other tools. Every
+prefix of every trace in a batch goes to the scorer in one call (the prefix cache makes the
+shared prefixes cheap); answers are graded by math-verify in a process pool. Scores go to a
+separate append-only file keyed by id, so the traces themselves are never rewritten and an
+interrupted scoring pass resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cordgen.config import ScorerConfig, StepFormat, check_role_sources, load_recipe, pick_scorer
+from cordgen.engines import AnswerScore, Scorer, ScoreRequest
+from cordgen.errors import CordgenError
+from cordgen.grading import grade_answers
+from cordgen.problems import problem_rows
+from cordgen.prompts import split_trace
+from cordgen.records import ScoreRecord, StepScore
+from cordgen.store import CONFIG, RESULTS, SCORES, JsonlLog, RunDirectory
+
+
+@dataclass(frozen=True)
+class Trace:
+    id: str
+    question: str
+    answer: str  # gold
+    steps: tuple[str, ...]  # thinking, split at the step markers
+    response: str  # the text graded: the final answer after thinking, or the whole response
+    teachers: tuple[str, ...] = ()  # author per step, when known
+
+
+@dataclass(frozen=True)
+class ForeignFields:
+    """Field names of a JSONL made by another tool."""
+
+    id: str = "id"
+    question: str = "question"
+    answer: str = "answer"
+    response: str = "response"
+    messages: str = "messages"
+
+
+def traces_of_run(run_dir: RunDirectory) -> Iterator[Trace]:
+    for record in run_dir.records():
+        final = record.result.final_answer
+        yield Trace(
+            id=record.id,
+            question=record.question,
+            answer=record.answer,
+            steps=tuple(s.text for s in record.result.steps),
+            response=final.text if final else "",
+            teachers=tuple(s.teacher for s in record.result.steps),
+        )
+
+
+def split_response(fmt: StepFormat, response: str) -> tuple[tuple[str, ...], str]:
+    """(thinking steps, text to grade) of a free-form response: the thinking is what precedes
+    `</think>` (without a leading `<think>` and first step header); without step markers it is one
+    step; without `</think>` the whole response is both the one step and the text graded."""
+    if fmt.think_close not in response:
+        return ((response,) if response.strip() else ()), response
+    thinking, _, answer = response.partition(fmt.think_close)
+    thinking = thinking.split(fmt.think_open, 1)[-1].lstrip("\n")
+    steps, _ = split_trace(fmt, thinking + fmt.think_close)
+    if steps and not steps[0].strip() and len(steps) > 1:
+        steps = steps[1:]
+    return tuple(s for s in steps if s) or (thinking,), answer
+
+
+def assistant_text(row: dict[str, Any], fields: ForeignFields, where: str) -> str:
+    if isinstance(row.get(fields.response), str):
+        return row[fields.response]
+    messages = row.get(fields.messages)
+    if isinstance(messages, list):
+        replies = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+        if replies and isinstance(replies[-1], str):
+            return replies[-1]
+    raise CordgenError(
+        f"{where}: neither a '{fields.response}' string nor an assistant message in '{fields.messages}'"
+    )
+
+
+def foreign_traces(path: Path, fields: ForeignFields, fmt: StepFormat) -> Iterator[Trace]:
+    rows = problem_rows(path, id_field=fields.id, question_field=fields.question, answer_field=fields.answer)
+    for problem, row in rows:
+        steps, response = split_response(fmt, assistant_text(row, fields, f"{path}: id {problem.id}"))
+        yield Trace(problem.id, problem.question, problem.answer, steps, response)
+
+
+def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> tuple[list[ScoreRecord], int]:
+    """Every prefix of every trace in ONE scorer call, every answer in one grading pass; also
+    returns the prompt tokens the scorer computed (not served from its prefix cache)."""
+    requests, owners = [], []
+    for index, trace in enumerate(traces):
+        for k in range(1, len(trace.steps) + 1):
+            requests.append(ScoreRequest(trace.question, trace.steps[:k], trace.answer))
+            owners.append(index)
+    results = scorer.score(requests)
+    grades = grade_answers([(t.answer, t.response) for t in traces], timeout_s=timeout_s)
+    per_trace: list[list[AnswerScore]] = [[] for _ in traces]
+    for owner, result in zip(owners, results):
+        per_trace[owner].append(result)
+    records = []
+    for trace, scores, grade in zip(traces, per_trace, grades):
+        steps = [
+            StepScore(index=i, score=s.score, perplexity=s.perplexity) for i, s in enumerate(scores, start=1)
+        ]
+        last = scores[-1] if scores else None
+        records.append(
+            ScoreRecord(
+                id=trace.id,
+                scorer=scorer.name,
+                steps=steps,
+                score=last.score if last else None,
+                perplexity=last.perplexity if last else None,
+                grade=grade,
+            )
+        )
+    computed = sum(r.num_prompt_tokens - r.num_cached_tokens for r in results)
+    return records, computed
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """A scoring pass checked before the scorer loads: traces read, output file resumable."""
+
+    source: Path
+    scorer: ScorerConfig
+    fmt: StepFormat
+    traces: tuple[Trace, ...]
+    todo: tuple[Trace, ...]
+    output: JsonlLog
+
+
+def plan_scoring(
+    source: Path,
+    out: Path | None = None,
+    scorer_spec: str | None = None,
+    recipe_path: Path | None = None,
+    fields: ForeignFields = ForeignFields(),
+    overwrite: bool = False,
+) -> ScoringPlan:
+    if source.is_dir():
+        run_dir = RunDirectory(source)
+        if not run_dir.results_path.exists():
+            raise CordgenError(f"{source}: no {RESULTS}; not a cordgen run directory")
+        recipe = load_recipe(recipe_path or source / CONFIG)
+        traces = tuple(traces_of_run(run_dir))
+        out = out or source / SCORES
+    else:
+        recipe = load_recipe(recipe_path) if recipe_path else None
+        if scorer_spec is None:
+            raise CordgenError("--scorer: name the scoring model (or a teacher of --config)")
+        traces = tuple(foreign_traces(source, fields, recipe.format if recipe else StepFormat()))
+        out = out or source.with_name(source.stem + ".scores.jsonl")
+    fmt = recipe.format if recipe else StepFormat()
+    if scorer_spec is not None:
+        scorer = pick_scorer(recipe, scorer_spec, list(recipe.teachers) if recipe else [])
+    else:
+        scorer = recipe.scorer
+    check_role_sources(scorer)
+    output = JsonlLog(out)
+    if overwrite:
+        out.unlink(missing_ok=True)
+    earlier = {row["id"]: row.get("scorer") for row in output.rows()}
+    others = sorted({name for name in earlier.values() if name != scorer.name})
+    if others:
+        raise CordgenError(
+            f"{out}: scored by {', '.join(others)}, not {scorer.name} (use --overwrite or --out)"
+        )
+    todo = tuple(t for t in traces if t.id not in earlier)
+    return ScoringPlan(source, scorer, fmt, traces, todo, output)
+
+
+def run_scoring(
+    plan: ScoringPlan,
+    scorer: Scorer,
+    on_batch: Callable[[Sequence[ScoreRecord], int], None],
+    batch_size: int = 512,
+    timeout_s: float = 5.0,
+) -> None:
+    """Scores what is still to do, `batch_size` traces per scorer call, each batch appended and
+    fsynced before the next starts."""
+    plan.output.repair()
+    with plan.output.appender() as append:
+        for start in range(0, len(plan.todo), batch_size):
+            records, computed = score_traces(plan.todo[start : start + batch_size], scorer, timeout_s)
+            append(records)
+            on_batch(records, computed)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else math.nan
+
+
+def execute_scoring(
+    plan: ScoringPlan,
+    on_batch: Callable[[Sequence[ScoreRecord], int], None],
+    batch_size: int = 512,
+    timeout_s: float = 5.0,
+    pool: Any = None,
+) -> None:
+    """Loads the scorer (or takes it from `pool`) only when something is left to score."""
+    if not plan.todo:
+        return
+    from cordgen.engines.vllm_local import EnginePool, build_scorer
+
+    own_pool = pool is None
+    pool = EnginePool() if own_pool else pool
+    try:
+        run_scoring(plan, build_scorer(plan.scorer, plan.fmt, pool), on_batch, batch_size, timeout_s)
+    finally:
+        if own_pool:
+            pool.shutdown()
