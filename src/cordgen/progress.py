@@ -129,5 +129,8 @@ def score_summary(traces: Sequence[Trace], scores: dict[str, ScoreRecord], compu
     authors = Counter(a for t in traces for a in t.teachers)
     for teacher, count in sorted(authors.items()):
         table.add_row(f"steps by {teacher}", f"{count / sum(authors.values()):.0%}")
+    generated = sum(t.generated_tokens for t in traces)
+    if generated:
+        table.add_row("tokens generated in synthesis", f"{generated:,}")
     table.add_row("scorer tokens computed (this pass)", f"{computed_tokens:,}")
     return table

@@ -33,6 +33,7 @@ class Trace:
     steps: tuple[str, ...]  # thinking, split at the step markers
     response: str  # the text graded: the final answer after thinking, or the whole response
     teachers: tuple[str, ...] = ()  # author per step, when known
+    generated_tokens: int = 0  # what synthesis spent on it, when known
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def traces_of_run(run_dir: RunDirectory) -> Iterator[Trace]:
             steps=tuple(s.text for s in record.result.steps),
             response=final.text if final else "",
             teachers=tuple(s.teacher for s in record.result.steps),
+            generated_tokens=sum(record.usage.generated_tokens.values()),
         )
 
 
