@@ -1,0 +1,404 @@
+"""Trains the demo teachers and scorer for chained arithmetic on 2 CPU cores.
+
+    python benchmarks/demo_models/train.py --out benchmarks/demo_models/weights          # full run
+    python benchmarks/demo_models/train.py --out /tmp/demo --quick                       # smoke test
+    python benchmarks/demo_models/train.py --out ... --models teacher-b --teacher-steps 900
+
+One clean model is trained on correct traces in all three teacher styles at once (each style
+tokenized its own way, mapped into a shared vocabulary); each teacher is then cut out of it
+(embedding rows looked up by string into its own vocabulary) and fine-tuned on traces written
+with its bug rule; the scorer is the clean model trained further in ChatML, optionally also on
+traces cut after step k and closed with the gold answer (see --scorer-truncated). Every model is
+saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json records per
+model: data sizes, seeds, steps, wall time, final loss and a greedy held-out evaluation.
+
+Budgets are steps, not seconds, so a run is reproducible on any machine; the wall time of each
+stage is recorded. A run can be split (`--models clean`, then the rest: the clean model is read
+back from OUT/clean) and gives the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+from pathlib import Path
+
+import task
+import torch
+import transformers
+from tokenizers_and_templates import MAX_LENGTH, STYLES, build_tokenizer, model_config
+from transformers import (
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    get_cosine_schedule_with_warmup,
+)
+
+from cordgen.config import ChatSettings, StepFormat
+from cordgen.prompts import ChatPrompt, split_trace
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int
+    lr: float
+    problems: int  # distinct training problems the batches are drawn from
+
+
+BATCH = 64
+WARMUP = 0.03  # share of steps
+THREADS = 2
+# Step times measured on 2 idle cores (bf16 autocast, batch 64): 0.40 s in the chatml style,
+# 0.65 s in tags, 0.72 s in inst (their questions are spelled out character by character).
+# Expected wall time: clean 2400 steps ~24 min, teachers 400 steps ~3 / 4.5 / 5 min, scorer ~3 min,
+# greedy evaluation seconds per model: ~40 min in all. A feasibility run with one style reached
+# 81% final-answer accuracy after 450 s of clean training and 95% after 15 min.
+BUDGETS = {
+    "clean": Budget(steps=2400, lr=3e-3, problems=150_000),
+    "teacher": Budget(steps=400, lr=1e-3, problems=25_000),
+    "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
+}
+QUICK_BUDGETS = {
+    "clean": Budget(steps=6, lr=3e-3, problems=1_000),
+    "teacher": Budget(steps=2, lr=1e-3, problems=200),
+    "scorer": Budget(steps=2, lr=1e-3, problems=200),
+}
+EVAL_PROBLEMS, QUICK_EVAL_PROBLEMS = 200, 4
+QUICK_EVAL_TOKENS = 16  # barely trained models never stop: cap their greedy traces in a smoke test
+SCORER_TRUNCATED = 0.5  # share of the scorer's examples cut after an intermediate step
+SEEDS = {"clean": 0, "teacher-a": 1, "teacher-b": 2, "teacher-c": 3, "scorer": 4, "heldout": 1000}
+TEACHERS = {"teacher-a": ("chatml", "a"), "teacher-b": ("tags", "b"), "teacher-c": ("inst", "c")}
+MODELS = ("clean", *TEACHERS, "scorer")
+FMT = StepFormat()
+ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
+
+
+def conversation(chat: ChatPrompt, problem: task.Problem, bug: str | None) -> str:
+    """The whole exchange in the model's own template, its trace written with its bug rule."""
+    trace = task.render_trace(problem, task.BUGS[bug] if bug else None)
+    ending = FMT.think_close + trace.answer + chat.tokenizer.eos_token
+    return chat.thinking_text(problem.question, trace.steps) + ending
+
+
+@dataclass(frozen=True)
+class Source:
+    """Examples as one model sees them: its tokenizer, its bug rule, and (for the clean model,
+    trained in every style) where each of the tokenizer's ids lives in the model's vocabulary."""
+
+    tokenizer: PreTrainedTokenizerFast
+    bug: str | None = None
+    id_map: tuple[int, ...] | None = None
+
+    @cached_property
+    def chat(self) -> ChatPrompt:
+        return ChatPrompt(self.tokenizer, ChatSettings(), FMT)
+
+    def encode(self, problem: task.Problem, cut: int | None) -> tuple[list[int], list[int]]:
+        """(ids, labels), loss on the assistant's part only. With `cut`, the correct trace stops
+        after step `cut` and the loss is on the gold answer alone, asked for exactly as cordgen's
+        scorer asks, so that intermediate prefixes become informative."""
+        if cut is None:
+            prompt = self.chat.generation_prompt(problem.question)
+            text = conversation(self.chat, problem, self.bug)
+            context, target = self.chat.encode(prompt), self.chat.encode(text[len(prompt) :])
+        else:
+            steps = task.render_trace(problem).steps[:cut]
+            context, target = self.chat.scoring_ids(problem.question, steps, ANSWER_SUFFIX, str(problem.gold))
+        ids, labels = context + target, [-100] * len(context) + target
+        if self.id_map is not None:
+            ids = [self.id_map[i] for i in ids]
+            labels = [-100 if i < 0 else self.id_map[i] for i in labels]
+        return ids, labels
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in rows)
+    batch = {
+        "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
+        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
+        "labels": torch.full((len(rows), width), -100, dtype=torch.long),
+    }
+    for i, (ids, labels) in enumerate(rows):
+        batch["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        batch["attention_mask"][i, : len(ids)] = 1
+        batch["labels"][i, : len(ids)] = torch.tensor(labels)
+    return batch
+
+
+def batches(
+    sources: Sequence[Source], problems: Sequence[task.Problem], steps: int, seed: int, truncated: float
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Sources take turns by batch (a batch padded to one style's lengths wastes less compute);
+    each example draws its problem and, with probability `truncated`, a cut."""
+    rng = random.Random(seed)
+    for step in range(steps):
+        source, rows = sources[step % len(sources)], []
+        for _ in range(BATCH):
+            problem = rng.choice(problems)
+            cut = rng.randint(1, len(problem.ops) - 1) if rng.random() < truncated else None
+            rows.append(source.encode(problem, cut))
+        yield collate(rows)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(
+    name: str, model: LlamaForCausalLM, data: Iterator[dict[str, torch.Tensor]], budget: Budget
+) -> dict:
+    """AdamW with a cosine schedule, under bf16 autocast (1.3-1.6x faster than fp32 on these
+    CPUs); the weights themselves stay fp32."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr)
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP * budget.steps), budget.steps)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step, batch in enumerate(data, start=1):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == budget.steps:
+            elapsed = time.perf_counter() - start
+            log(f"{name}: step {step}/{budget.steps} loss {loss.item():.4f} ({elapsed:.0f} s)")
+    model.eval()
+    tail = losses[-20:]
+    return {"train_s": round(time.perf_counter() - start, 1), "final_loss": round(sum(tail) / len(tail), 4)}
+
+
+def fit(
+    name: str, model: LlamaForCausalLM, sources: Sequence[Source], budget: Budget, truncated: float = 0.0
+) -> dict:
+    """Trains on a fresh pool of training-split problems drawn with the model's own seed."""
+    seed = SEEDS[name]
+    torch.manual_seed(seed)
+    problems = task.sample_problems(budget.problems, seed)
+    record = train(name, model, batches(sources, problems, budget.steps, seed, truncated), budget)
+    data = {"seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps, "truncated_share": truncated}
+    return {**asdict(budget), **data, **record}
+
+
+def id_map(tokenizer: PreTrainedTokenizerFast, into: PreTrainedTokenizerFast) -> tuple[int, ...]:
+    """For each id of `tokenizer`, the id of the same string in `into`."""
+    vocab, target = tokenizer.get_vocab(), into.get_vocab()
+    return tuple(target[token] for token in sorted(vocab, key=vocab.__getitem__))
+
+
+def cut_model(
+    clean: LlamaForCausalLM, clean_tokenizer: PreTrainedTokenizerFast, tokenizer: PreTrainedTokenizerFast
+) -> LlamaForCausalLM:
+    """The clean model speaking `tokenizer`: the same function on the same strings, in a new copy."""
+    state = clean.state_dict()
+    embedding = state["model.embed_tokens.weight"][torch.tensor(id_map(tokenizer, clean_tokenizer))]
+    state.update({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding})
+    model = LlamaForCausalLM(model_config(tokenizer))
+    model.load_state_dict(state)
+    return model
+
+
+def generate(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[list[int]], limit: int
+) -> list[str]:
+    """Greedy continuations of left-padded prompts, `limit` tokens at most."""
+    width, pad = max(map(len, prompts)), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    starts = torch.tensor([width - len(p) for p in prompts])
+    mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=min(limit, MAX_LENGTH - width),
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def grade(problem: task.Problem, text: str, bug: task.Bug | None) -> Counter:
+    """Counts for one generated trace. Steps are also sorted by whether the model's bug rule
+    fires on their visible numbers: a teacher should reproduce its bug there and be right elsewhere."""
+    steps, answer = split_trace(FMT, text)
+    check = task.check_trace(problem, steps)
+    correct = answer is not None and task.read_answer(answer) == problem.gold
+    counts = Counter(
+        steps=len(steps),
+        valid=sum(v is True for v in check.valid),
+        sound=int(check.sound),
+        correct=int(correct),
+    )
+    for a, op, b, c in filter(None, map(task.parse_step, steps)):
+        wrong = bug(a, op, b) if bug else None
+        if wrong is None:
+            counts.update(unfired=1, unfired_valid=int(task.apply(a, op, b) == c))
+        else:
+            counts.update(fired=1, reproduced=int(c == wrong))
+    return counts
+
+
+def evaluate(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[task.Problem],
+    bug: str | None,
+    limit: int = MAX_LENGTH,
+) -> dict:
+    """Greedy, from the prompt cordgen itself gives a teacher (`... ### Step 1.`)."""
+    start = time.perf_counter()
+    chat = ChatPrompt(tokenizer, ChatSettings(), FMT)
+    texts = generate(model, tokenizer, [chat.step_prompt_ids(p.question, ()) for p in problems], limit)
+    counts = sum((grade(p, t, task.BUGS[bug] if bug else None) for p, t in zip(problems, texts)), Counter())
+    n = len(problems)
+    result = {
+        "problems": n,
+        "answer_accuracy": counts["correct"] / n,
+        "step_validity": counts["valid"] / max(1, counts["steps"]),
+        "sound_traces": counts["sound"] / n,
+    }
+    if bug:
+        result["rule_steps"] = counts["fired"]
+        result["rule_reproduced"] = counts["reproduced"] / max(1, counts["fired"])
+        result["valid_off_rule"] = counts["unfired_valid"] / max(1, counts["unfired"])
+    result = {k: round(v, 4) for k, v in result.items()}
+    return {**result, "eval_s": round(time.perf_counter() - start, 1)}
+
+
+def save(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, directory: Path, bug: str | None
+) -> None:
+    """Reloads the tokenizer as transformers and vLLM will (AutoTokenizer) and refuses one that
+    tokenizes or decodes differently: the Qwen2 pitfall must never ship silently."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    sample = conversation(ChatPrompt(tokenizer, ChatSettings(), FMT), task.sample_problems(1, 0)[0], bug)
+    ids = tokenizer.encode(sample, add_special_tokens=False)
+    loaded = AutoTokenizer.from_pretrained(directory)
+    if loaded.encode(sample, add_special_tokens=False) != ids or loaded.decode(ids) != sample:
+        raise RuntimeError(f"{directory}: the saved tokenizer does not reproduce the trained one")
+
+
+@dataclass(frozen=True)
+class Run:
+    out: Path
+    models: tuple[str, ...]
+    budgets: dict[str, Budget]
+    truncated: float
+    heldout: tuple[task.Problem, ...]
+    eval_tokens: int
+
+
+def finish(
+    run: Run,
+    name: str,
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    bug: str | None,
+    record: dict,
+    report: dict,
+) -> None:
+    """Saves the model, evaluates it and writes the report, so a long run keeps what it did."""
+    save(model, tokenizer, run.out / name, bug)
+    record["eval"] = evaluate(model, tokenizer, run.heldout, bug, run.eval_tokens)
+    record["parameters"] = sum(p.numel() for p in model.parameters())
+    report["models"][name] = record
+    (run.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"{name}: {json.dumps(record['eval'])}")
+
+
+def clean_model(run: Run, report: dict) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Trained here from random weights, in every teacher style at once, or loaded from OUT/clean."""
+    tokenizer = build_tokenizer(STYLES["union"])
+    if "clean" not in run.models:
+        return LlamaForCausalLM.from_pretrained(run.out / "clean"), tokenizer
+    torch.manual_seed(SEEDS["clean"])
+    model = LlamaForCausalLM(model_config(tokenizer))
+    styles = [style for style, _ in TEACHERS.values()]
+    speakers = [build_tokenizer(STYLES[s]) for s in styles]
+    sources = [Source(speaker, id_map=id_map(speaker, tokenizer)) for speaker in speakers]
+    record = {"style": "union", "trained_in": styles, "bug": None, "init": "random"}
+    record |= fit("clean", model, sources, run.budgets["clean"])
+    finish(run, "clean", model, tokenizer, None, record, report)
+    return model, tokenizer
+
+
+def train_all(run: Run, report: dict) -> None:
+    clean, clean_tokenizer = clean_model(run, report)
+    for name, (style, bug) in TEACHERS.items():
+        if name in run.models:
+            tokenizer = build_tokenizer(STYLES[style])
+            model = cut_model(clean, clean_tokenizer, tokenizer)
+            record = {"style": style, "bug": bug, "init": "clean"}
+            record |= fit(name, model, [Source(tokenizer, bug)], run.budgets["teacher"])
+            finish(run, name, model, tokenizer, bug, record, report)
+    if "scorer" in run.models:
+        model = cut_model(clean, clean_tokenizer, clean_tokenizer)
+        record = {"style": "union", "bug": None, "init": "clean"}
+        record |= fit("scorer", model, [Source(clean_tokenizer)], run.budgets["scorer"], run.truncated)
+        finish(run, "scorer", model, clean_tokenizer, None, record, report)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for OUT/<model>/ and training.json"
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in under a minute")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
+    )
+    for stage in BUDGETS:
+        parser.add_argument(f"--{stage}-steps", type=int, help=f"override the {stage} step budget")
+    parser.add_argument(
+        "--scorer-truncated", type=float, default=SCORER_TRUNCATED, help="share of cut traces"
+    )
+    parser.add_argument("--eval-problems", type=int, help=f"held-out problems (default {EVAL_PROBLEMS})")
+    args = parser.parse_args(argv)
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(THREADS)
+    budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    budgets = {k: replace(b, steps=getattr(args, f"{k}_steps") or b.steps) for k, b in budgets.items()}
+    eval_problems = args.eval_problems or (QUICK_EVAL_PROBLEMS if args.quick else EVAL_PROBLEMS)
+    heldout = tuple(task.sample_problems(eval_problems, SEEDS["heldout"], "heldout"))
+    eval_tokens = QUICK_EVAL_TOKENS if args.quick else MAX_LENGTH
+    run = Run(args.out, tuple(args.models.split(",")), budgets, args.scorer_truncated, heldout, eval_tokens)
+    report_path = args.out / "training.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
+    report["last_run"] = {  # per-model settings are in each model's record
+        "quick": args.quick,
+        "budgets": {k: asdict(b) for k, b in budgets.items()},
+        "batch": BATCH,
+        "warmup": WARMUP,
+        "threads": THREADS,
+        "scorer_truncated": args.scorer_truncated,
+        "heldout": {"problems": eval_problems, "seed": SEEDS["heldout"], "max_new_tokens": eval_tokens},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    train_all(run, report)
+    report["last_run"]["total_s"] = round(time.perf_counter() - start, 1)
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"done in {report['last_run']['total_s']} s: {report_path}")
+
+
+if __name__ == "__main__":
+    main()
