@@ -56,6 +56,11 @@ class EngineDefaults(StrictModel):
         json_schema_extra=THROUGHPUT,
     )
     max_num_seqs: int | None = Field(None, gt=0, json_schema_extra=THROUGHPUT)
+    enable_chunked_prefill: bool | None = Field(
+        None,
+        description="vLLM's default on GPUs; off on CPU builds, which crash on split seeded prompts",
+        json_schema_extra=THROUGHPUT,
+    )
     enforce_eager: bool = Field(False, json_schema_extra=THROUGHPUT)
     seed: int = 0
     trust_remote_code: bool = False
