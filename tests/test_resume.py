@@ -123,10 +123,12 @@ def test_ctrl_c_stops_at_the_round_boundary_and_resumes(workdir, uninterrupted):
     assert stderr.strip().splitlines()[-1].startswith("interrupted; re-run the same command to resume")
     assert "Traceback" not in stderr
     assert (out / "results.jsonl").read_bytes().endswith(b"\n")
-    assert RunDirectory(out).manifest().status == "interrupted"
+    interrupted = RunDirectory(out).manifest()
+    assert interrupted.status == "interrupted" and interrupted.wall_seconds > 0
     finished = subprocess.run([*command(workdir, out), "-q"], capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert records_of(out) == uninterrupted
+    assert RunDirectory(out).manifest().wall_seconds > interrupted.wall_seconds  # both sessions count
 
 
 def test_ctrl_c_at_a_terminal_reaches_the_engines_too(workdir, uninterrupted):

@@ -83,8 +83,10 @@ def test_overwrite_starts_over(setup):
     plan = started(resolved(recipe_path, input=problems, out=out))
     with plan.run_dir.writer() as append:
         append([make_record("q0")])
+    (out / "scores.jsonl").write_text('{"id": "q0"}\n')
     fresh = started(resolved(recipe_path, input=problems, out=out, seed=9), overwrite=True)
     assert len(fresh.todo) == 6 and not (out / "results.jsonl").exists()
+    assert not (out / "scores.jsonl").exists()  # scores of the old records would pass for new ones
 
 
 def test_shards_partition_the_input(setup):
@@ -114,11 +116,15 @@ def shard_runs(setup, count=2):
 
 def test_merge_unions_shards_in_input_order(setup, tmp_path):
     runs = shard_runs(setup)
+    for run, seconds in zip(runs, (1.5, 2.0)):
+        directory = RunDirectory(run)
+        directory.save(directory.manifest().model_copy(update={"wall_seconds": seconds}))
     report = merge_runs(runs, tmp_path / "all")
     assert report.problems == 6 and report.missing == [] and report.duplicates == 0 and report.conflicts == []
     merged = RunDirectory(tmp_path / "all")
     assert [r.id for r in merged.records()] == [f"q{i}" for i in range(6)]
     assert merged.manifest().status == "complete" and merged.manifest().shard is None
+    assert merged.manifest().wall_seconds == 3.5
 
 
 def test_merge_reports_duplicates_conflicts_and_missing(setup, tmp_path):

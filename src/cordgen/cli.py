@@ -267,7 +267,8 @@ def run_score(plan, batch_size: int, timeout: float, quiet: bool) -> None:
             progress.advance(task, len(records))
 
         execute_scoring(plan, advance, batch_size, timeout)
-    console.print(score_summary(plan.traces, load_scores(plan.output.path) or {}, computed))
+    scores = load_scores(plan.output.path) or {}
+    console.print(score_summary(plan.traces, scores, computed, plan.synthesis_seconds))
     console.print(f"scores: {plan.output.path}")
 
 

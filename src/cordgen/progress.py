@@ -105,7 +105,12 @@ class RecordTally:
         return table
 
 
-def score_summary(traces: Sequence[Trace], scores: dict[str, ScoreRecord], computed_tokens: int) -> Table:
+def score_summary(
+    traces: Sequence[Trace],
+    scores: dict[str, ScoreRecord],
+    computed_tokens: int,
+    synthesis_seconds: float | None = None,
+) -> Table:
     """Accuracy, perplexity spread and who wrote the kept steps, over every trace scored so far."""
     scored = [scores[t.id] for t in traces if t.id in scores]
     statuses = Counter(s.grade.status for s in scored)
@@ -132,5 +137,7 @@ def score_summary(traces: Sequence[Trace], scores: dict[str, ScoreRecord], compu
     generated = sum(t.generated_tokens for t in traces)
     if generated:
         table.add_row("tokens generated in synthesis", f"{generated:,}")
+    if synthesis_seconds is not None:
+        table.add_row("synthesis wall time", f"{synthesis_seconds:.1f} s")
     table.add_row("scorer tokens computed (this pass)", f"{computed_tokens:,}")
     return table

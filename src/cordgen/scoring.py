@@ -138,6 +138,7 @@ class ScoringPlan:
     traces: tuple[Trace, ...]
     todo: tuple[Trace, ...]
     output: JsonlLog
+    synthesis_seconds: float | None = None  # from the run's manifest, when scoring a run
 
 
 def plan_scoring(
@@ -155,11 +156,14 @@ def plan_scoring(
         recipe = load_recipe(recipe_path or source / CONFIG)
         traces = tuple(traces_of_run(run_dir))
         out = out or source / SCORES
+        manifest = run_dir.manifest()
+        synthesis_seconds = manifest.wall_seconds if manifest and manifest.wall_seconds else None
     else:
         recipe = load_recipe(recipe_path) if recipe_path else None
         if scorer_spec is None:
             raise CordgenError("--scorer: name the scoring model (or a teacher of --config)")
         traces = tuple(foreign_traces(source, fields, recipe.format if recipe else StepFormat()))
+        synthesis_seconds = None
         out = out or source.with_name(source.stem + ".scores.jsonl")
     fmt = recipe.format if recipe else StepFormat()
     if scorer_spec is not None:
@@ -177,7 +181,7 @@ def plan_scoring(
             f"{out}: scored by {', '.join(others)}, not {scorer.name} (use --overwrite or --out)"
         )
     todo = tuple(t for t in traces if t.id not in earlier)
-    return ScoringPlan(source, scorer, fmt, traces, todo, output)
+    return ScoringPlan(source, scorer, fmt, traces, todo, output, synthesis_seconds)
 
 
 def run_scoring(

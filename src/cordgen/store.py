@@ -63,6 +63,7 @@ class Manifest(BaseModel):
     updated_at: str
     finished_at: str | None = None
     sessions: int = 1  # how many times the run was started or resumed
+    wall_seconds: float = 0.0  # synthesis time over all sessions, engine loading included
 
     @classmethod
     def start(cls, recipe: Recipe, input_info: InputInfo, shard: str | None, problems: int) -> Manifest:
@@ -186,11 +187,12 @@ class RunDirectory:
                 ) from None
 
     def begin(self, recipe: Recipe, manifest: Manifest, overwrite: bool) -> None:
-        """The first writes of a run: clears it if asked, drops a torn last line, saves the
+        """The first writes of a run: clears it if asked (scores of the old records included),
+        drops a torn last line, saves the
         resolved recipe and the manifest."""
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for name in (RESULTS, MANIFEST, CONFIG):
+            for name in (RESULTS, MANIFEST, CONFIG, SCORES):
                 (self.path / name).unlink(missing_ok=True)
         self.results.repair()
         text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
@@ -278,7 +280,13 @@ def merge_runs(sources: Sequence[str | Path], out: str | Path, overwrite: bool =
     write_atomically(target.results_path, b"".join(merged[i].to_json_line() for i in ids))
     (target.path / CONFIG).write_bytes((runs[0].path / CONFIG).read_bytes())
     manifest = first.model_copy(
-        update={"shard": None, "problems": first.input.problems, "completed": len(ids), "finished_at": now()}
+        update={
+            "shard": None,
+            "problems": first.input.problems,
+            "completed": len(ids),
+            "finished_at": now(),
+            "wall_seconds": round(sum(m.wall_seconds for m in manifests), 2),  # machine time, summed
+        }
     )
     manifest.status = "complete" if not missing and order is not None else "partial"
     target.save(manifest)

@@ -404,6 +404,16 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     return Plan(recipe, run_dir, manifest, chosen, tuple(p for p in chosen if p.id not in done), overwrite)
 
 
+class SessionClock:
+    """Adds this session's wall time to what earlier sessions of the run spent."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest, self.earlier, self.started = manifest, manifest.wall_seconds, time.perf_counter()
+
+    def update(self) -> None:
+        self.manifest.wall_seconds = round(self.earlier + time.perf_counter() - self.started, 2)
+
+
 def execute(
     plan: Plan,
     observer: Observer,
@@ -417,6 +427,7 @@ def execute(
 
     manifest = plan.manifest
     plan.run_dir.begin(plan.recipe, manifest, plan.overwrite)
+    clock = SessionClock(manifest)
     own_pool = pool is None
     pool = EnginePool() if own_pool else pool
     try:
@@ -426,11 +437,13 @@ def execute(
             def sink(records: Sequence[TraceRecord]) -> None:
                 append(records)
                 manifest.completed += len(records)
+                clock.update()
                 plan.run_dir.save(manifest)
                 on_records(records)
 
             synthesize(plan.todo, teachers, scorer, plan.recipe, sink, observer, should_stop)
     except BaseException:
+        clock.update()
         manifest.status = "interrupted" if should_stop() else "failed"
         plan.run_dir.save(manifest)
         if should_stop():
@@ -439,6 +452,7 @@ def execute(
     finally:
         if own_pool:
             pool.shutdown()
+    clock.update()
     if manifest.completed < manifest.problems:
         manifest.status = "interrupted"
         plan.run_dir.save(manifest)
