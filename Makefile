@@ -1,15 +1,19 @@
-# One command to set up (`make install`), one to test (`make test`). Both are no-ops when
-# pyproject.toml has not changed since the last install: the stamp file is named by its hash.
+# One command to see cordgen work (`make demo`), one to test (`make test`); both install first,
+# and the install is a no-op until pyproject.toml changes: the stamp file is named by its hash.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PIP_ARGS ?=
 PYTEST_ARGS ?=
+QUALITY_ARGS ?=
 CORDGEN_DEVICE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
 
-.PHONY: install test clean
+DEMO_RUN ?= runs/demo
+CORDGEN := $(VENV)/bin/cordgen
+
+.PHONY: install test demo quality clean
 
 install: $(STAMP)
 
@@ -25,6 +29,17 @@ $(STAMP):
 
 test: install
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Synthesis with the shipped demo teachers over the shipped problems, then scoring and export.
+# Re-running resumes (a finished run is kept): `make demo DEMO_RUN=runs/demo-2` starts afresh.
+demo: install
+	$(CORDGEN) synth --config configs/demo.yaml --out $(DEMO_RUN)
+	$(CORDGEN) score $(DEMO_RUN)
+	$(CORDGEN) export $(DEMO_RUN) --jsonl $(DEMO_RUN)/sft.jsonl
+
+# CoRD vs single teachers vs curation on the demo task, with ablations (benchmarks/results/).
+quality: install
+	$(VENV)/bin/python benchmarks/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

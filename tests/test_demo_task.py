@@ -196,3 +196,26 @@ def test_teachers_differ_in_vocabulary_and_template():
     assert len(set(texts.values())) == 3 and len({tuple(i) for i in ids.values()}) == 3
     assert len({tok.convert_tokens_to_ids("7") for tok in tokenizers.values()}) == 3
     assert texts["tags"].count("<think>") == 1  # its generation prompt opened thinking already
+
+
+def test_questions_parse_back_into_their_problem():
+    for problem in task.sample_problems(300, seed=5):
+        assert task.parse_question(problem.question) == problem
+    assert task.parse_question("What is 2 + 2?") is None
+
+
+def test_firing_rules_name_the_teachers_that_would_err():
+    assert task.firing_rules(task.Problem(38, (("*", 4),))) == {"a"}
+    assert task.firing_rules(task.Problem(35, (("+", 47),))) == {"b"}
+    assert task.firing_rules(task.Problem(240, (("-", 52),))) == {"c"}
+    assert task.firing_rules(task.Problem(63, (("-", 28), ("*", 2)))) == {"b"}
+    assert task.firing_rules(EXAMPLE) == {"b"}  # 37 + 48 carries
+    assert task.firing_rules(task.Problem(12, (("+", 3), ("*", 2)))) == set()
+
+
+def test_a_sound_prefix_is_a_right_start_of_the_chain():
+    assert task.check_trace(EXAMPLE, EXAMPLE_STEPS[:2]).sound_prefix
+    assert not task.check_trace(EXAMPLE, EXAMPLE_STEPS[:2]).sound
+    assert task.check_trace(EXAMPLE, ()).sound_prefix
+    assert not task.check_trace(EXAMPLE, (" 37 + 48 = 75\n",)).sound_prefix
+    assert not task.check_trace(EXAMPLE, (*EXAMPLE_STEPS, " 1 + 1 = 2\n")).sound_prefix

@@ -20,6 +20,8 @@ LIMIT = 10_000  # every value of a correct chain stays in [0, LIMIT)
 HELDOUT_BUCKETS = 10  # one bucket in ten of the question hash is held out
 WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
 ANSWER = re.compile(r"\s*The final answer is (-?\d+)\.?\s*")
+QUESTION = re.compile(r"Start with (\d+)\. (.+)\.")
+OPERATION = re.compile(r"(add|subtract|multiply by) (\d+)", re.IGNORECASE)
 STEP = re.compile(r"\s*(-?\d+) ([-+*]) (\d+) = (-?\d+)\s*")
 
 Step = tuple[int, str, int, int]  # a, op, b, written result
@@ -47,6 +49,16 @@ class Problem:
         for op, b in self.ops:
             value = apply(value, op, b)
         return value
+
+
+def parse_question(text: str) -> Problem | None:
+    """The problem a question states, or None for text of another shape."""
+    match = QUESTION.fullmatch(text)
+    if match is None:
+        return None
+    symbols = {word: op for op, word in WORDS.items()}
+    ops = [(symbols[w.lower()], int(b)) for w, b in OPERATION.findall(match.group(2))]
+    return Problem(int(match.group(1)), tuple(ops))
 
 
 def random_problem(rng: random.Random) -> Problem:
@@ -121,6 +133,15 @@ def drop_tens_borrow(a: int, op: str, b: int) -> int | None:
 BUGS: dict[str, Bug] = {"a": drop_big_multiply_carry, "b": drop_carry_after_7_or_8, "c": drop_tens_borrow}
 
 
+def firing_rules(problem: Problem) -> set[str]:
+    """The teachers whose bug rule fires somewhere on the problem's correct chain."""
+    fired, value = set(), problem.start
+    for op, b in problem.ops:
+        fired |= {name for name, bug in BUGS.items() if bug(value, op, b) is not None}
+        value = apply(value, op, b)
+    return fired
+
+
 def written_result(a: int, op: str, b: int, bug: Bug | None) -> int:
     wrong = bug(a, op, b) if bug else None
     return apply(a, op, b) if wrong is None else wrong
@@ -173,10 +194,16 @@ def check_step(text: str) -> bool | None:
 class TraceCheck:
     valid: tuple[bool | None, ...]  # check_step of each step
     follows_question: bool  # one step per operation, in order, each starting from the last result
+    follows_prefix: bool  # the same for the steps there are, however many
 
     @property
     def sound(self) -> bool:
         return self.follows_question and all(v is True for v in self.valid)
+
+    @property
+    def sound_prefix(self) -> bool:
+        """Every step so far right and following the question; fewer steps than operations is fine."""
+        return self.follows_prefix and all(v is True for v in self.valid)
 
 
 def check_trace(problem: Problem, steps: Sequence[str]) -> TraceCheck:
@@ -184,10 +211,31 @@ def check_trace(problem: Problem, steps: Sequence[str]) -> TraceCheck:
     consistency are separate, so a wrong value carried along is blamed on one step only."""
     parsed = [parse_step(s) for s in steps]
     valid = tuple(None if p is None else apply(*p[:3]) == p[3] for p in parsed)
-    follows, expected = len(parsed) == len(problem.ops), problem.start
+    prefix, expected = len(parsed) <= len(problem.ops), problem.start
     for step, (op, b) in zip(parsed, problem.ops):
         if step is None or step[:3] != (expected, op, b):
-            follows = False
+            prefix = False
             break
         expected = step[3]
-    return TraceCheck(valid, follows)
+    return TraceCheck(valid, prefix and len(parsed) == len(problem.ops), prefix)
+
+
+def problem_row(index: int, problem: Problem) -> dict[str, str]:
+    """A line of cordgen's input format."""
+    return {"id": f"demo-{index:04d}", "question": problem.question, "answer": str(problem.gold)}
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Writes held-out demo problems as cordgen input JSONL.")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=2026)
+    args = parser.parse_args()
+    for index, problem in enumerate(sample_problems(args.count, args.seed, "heldout")):
+        print(json.dumps(problem_row(index, problem)))
+
+
+if __name__ == "__main__":
+    main()

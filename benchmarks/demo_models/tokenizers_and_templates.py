@@ -69,9 +69,9 @@ STYLES = {
         pad="<|pad|>",
         unk="<|unk|>",
     ),
-    "tags": Style(  # the question is spelled out character by character
+    "tags": Style(  # ids laid out characters first, specials last
         specials=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"),
-        pieces=STEP_PIECES,
+        pieces=STEP_PIECES + WORD_PIECES,
         order=("chars", "pieces", "specials"),
         template=THINK_OPENING,
         eos="<|end|>",
@@ -80,7 +80,8 @@ STYLES = {
     ),
     "inst": Style(  # operators as bare characters, `### Step ` in two pieces
         specials=("<unk>", "<s>", "</s>"),
-        pieces=("<think>", "</think>", "### ", "Step ", " The final answer is", "[INST]", "[/INST]"),
+        pieces=("<think>", "</think>", "### ", "Step ", " The final answer is", "[INST]", "[/INST]")
+        + WORD_PIECES,
         order=("specials", "chars", "pieces"),
         template=INST,
         eos="</s>",
@@ -91,19 +92,21 @@ STYLES = {
 }
 
 
-def union_style(styles: dict[str, Style]) -> Style:
-    """Every string of every style, with a ChatML template: the clean model and the scorer. Its
-    split of ChatML text equals the `chatml` style's (the extra pieces never occur there), and
-    each teacher is cut out of it by looking its vocabulary up by string."""
-    specials = dict.fromkeys(s for style in styles.values() for s in style.specials)
-    pieces = dict.fromkeys(p for style in styles.values() for p in style.pieces)
-    chatml = styles["chatml"]
-    return Style(
-        tuple(specials), tuple(pieces), chatml.order, chatml.template, chatml.eos, chatml.pad, chatml.unk
-    )
-
-
-STYLES["union"] = union_style(STYLES)
+# Where a teacher's vocabulary has a string the clean model never saw, its embedding starts from
+# the clean model's nearest equivalent; fine-tuning in the teacher's own style does the rest.
+ALIASES = {
+    "<|user|>": "user",
+    "<|assistant|>": "assistant",
+    "<|system|>": "<|im_start|>",
+    "<|end|>": "<|im_end|>",
+    "<unk>": "<|unk|>",
+    "<s>": "<|im_start|>",
+    "</s>": "<|im_end|>",
+    "[INST]": "<|im_start|>",
+    "[/INST]": "<|im_end|>",
+    "### ": "### Step ",
+    "Step ": "### Step ",
+}
 
 
 def vocabulary(style: Style) -> list[str]:

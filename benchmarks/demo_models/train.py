@@ -4,13 +4,15 @@
     python benchmarks/demo_models/train.py --out /tmp/demo --quick                       # smoke test
     python benchmarks/demo_models/train.py --out ... --models teacher-b --teacher-steps 900
 
-One clean model is trained on correct traces in all three teacher styles at once (each style
-tokenized its own way, mapped into a shared vocabulary); each teacher is then cut out of it
-(embedding rows looked up by string into its own vocabulary) and fine-tuned on traces written
-with its bug rule; the scorer is the clean model trained further in ChatML, optionally also on
-traces cut after step k and closed with the gold answer (see --scorer-truncated). Every model is
-saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json records per
-model: data sizes, seeds, steps, wall time, final loss and a greedy held-out evaluation.
+One clean model is trained from random weights on correct traces in the ChatML style; each
+teacher is cut out of it into its own tokenizer (embedding rows looked up by string, strings the
+clean model never saw started from an alias) and fine-tuned, in its own chat template, on traces
+written with its bug rule. Two scorers are the clean model trained further in ChatML: `scorer` also
+on traces cut after step k and closed with the gold answer (see --scorer-truncated), so that
+intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. Every
+model is saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json
+records per model: data sizes, seeds, steps, wall time, final loss and a greedy held-out
+evaluation.
 
 Budgets are steps, not seconds, so a run is reproducible on any machine; the wall time of each
 stage is recorded. A run can be split (`--models clean`, then the rest: the clean model is read
@@ -33,7 +35,7 @@ from pathlib import Path
 import task
 import torch
 import transformers
-from tokenizers_and_templates import MAX_LENGTH, STYLES, build_tokenizer, model_config
+from tokenizers_and_templates import ALIASES, MAX_LENGTH, STYLES, build_tokenizer, model_config
 from transformers import (
     AutoTokenizer,
     LlamaForCausalLM,
@@ -55,27 +57,41 @@ class Budget:
 BATCH = 64
 WARMUP = 0.03  # share of steps
 THREADS = 2
-# Step times measured on 2 idle cores (bf16 autocast, batch 64): 0.40 s in the chatml style,
-# 0.65 s in tags, 0.72 s in inst (their questions are spelled out character by character).
-# Expected wall time: clean 2400 steps ~24 min, teachers 400 steps ~3 / 4.5 / 5 min, scorer ~3 min,
-# greedy evaluation seconds per model: ~40 min in all. A feasibility run with one style reached
-# 81% final-answer accuracy after 450 s of clean training and 95% after 15 min.
+# Step times measured on 2 idle cores (bf16 autocast, batch 64): ~0.45 s. The learning rate must
+# stay high long enough: the same clean model on a 600-step schedule plateaus at loss 0.62 and
+# cannot copy operands (0% answers); on the 2000-step schedule it passes 0.22 by step 600. Training
+# the clean model in all three styles at once (2400 steps, 800 per style) also failed (loss 0.45,
+# 0% answers), hence one style and per-teacher fine-tuning.
 BUDGETS = {
-    "clean": Budget(steps=2400, lr=3e-3, problems=150_000),
-    "teacher": Budget(steps=400, lr=1e-3, problems=25_000),
+    "clean": Budget(steps=2000, lr=3e-3, problems=50_000),
+    "teacher": Budget(steps=500, lr=1e-3, problems=25_000),
+    # The [INST] style splits `### Step ` and the operators differently from the clean model:
+    # after 500 steps it was still at loss 0.114, 36% valid steps and 4.5% right answers.
+    "teacher-c": Budget(steps=1200, lr=1e-3, problems=25_000),
     "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
 }
 QUICK_BUDGETS = {
     "clean": Budget(steps=6, lr=3e-3, problems=1_000),
     "teacher": Budget(steps=2, lr=1e-3, problems=200),
+    "teacher-c": Budget(steps=2, lr=1e-3, problems=200),
     "scorer": Budget(steps=2, lr=1e-3, problems=200),
 }
 EVAL_PROBLEMS, QUICK_EVAL_PROBLEMS = 200, 4
 QUICK_EVAL_TOKENS = 16  # barely trained models never stop: cap their greedy traces in a smoke test
 SCORER_TRUNCATED = 0.5  # share of the scorer's examples cut after an intermediate step
-SEEDS = {"clean": 0, "teacher-a": 1, "teacher-b": 2, "teacher-c": 3, "scorer": 4, "heldout": 1000}
+SEEDS = {
+    "clean": 0,
+    "teacher-a": 1,
+    "teacher-b": 2,
+    "teacher-c": 3,
+    "scorer": 4,
+    "scorer-final": 5,
+    "heldout": 1000,
+}
+CLEAN_STYLE = "chatml"
 TEACHERS = {"teacher-a": ("chatml", "a"), "teacher-b": ("tags", "b"), "teacher-c": ("inst", "c")}
-MODELS = ("clean", *TEACHERS, "scorer")
+SCORERS = {"scorer": None, "scorer-final": 0.0}  # share of truncated traces: None = --scorer-truncated
+MODELS = ("clean", *TEACHERS, *SCORERS)
 FMT = StepFormat()
 ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
 
@@ -89,12 +105,10 @@ def conversation(chat: ChatPrompt, problem: task.Problem, bug: str | None) -> st
 
 @dataclass(frozen=True)
 class Source:
-    """Examples as one model sees them: its tokenizer, its bug rule, and (for the clean model,
-    trained in every style) where each of the tokenizer's ids lives in the model's vocabulary."""
+    """Examples as one model sees them: its tokenizer and its bug rule."""
 
     tokenizer: PreTrainedTokenizerFast
     bug: str | None = None
-    id_map: tuple[int, ...] | None = None
 
     @cached_property
     def chat(self) -> ChatPrompt:
@@ -111,11 +125,7 @@ class Source:
         else:
             steps = task.render_trace(problem).steps[:cut]
             context, target = self.chat.scoring_ids(problem.question, steps, ANSWER_SUFFIX, str(problem.gold))
-        ids, labels = context + target, [-100] * len(context) + target
-        if self.id_map is not None:
-            ids = [self.id_map[i] for i in ids]
-            labels = [-100 if i < 0 else self.id_map[i] for i in labels]
-        return ids, labels
+        return context + target, [-100] * len(context) + target
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
@@ -133,13 +143,12 @@ def collate(rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tens
 
 
 def batches(
-    sources: Sequence[Source], problems: Sequence[task.Problem], steps: int, seed: int, truncated: float
+    source: Source, problems: Sequence[task.Problem], steps: int, seed: int, truncated: float
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Sources take turns by batch (a batch padded to one style's lengths wastes less compute);
-    each example draws its problem and, with probability `truncated`, a cut."""
+    """Each example draws its problem and, with probability `truncated`, a cut."""
     rng = random.Random(seed)
-    for step in range(steps):
-        source, rows = sources[step % len(sources)], []
+    for _ in range(steps):
+        rows = []
         for _ in range(BATCH):
             problem = rng.choice(problems)
             cut = rng.randint(1, len(problem.ops) - 1) if rng.random() < truncated else None
@@ -177,30 +186,25 @@ def train(
     return {"train_s": round(time.perf_counter() - start, 1), "final_loss": round(sum(tail) / len(tail), 4)}
 
 
-def fit(
-    name: str, model: LlamaForCausalLM, sources: Sequence[Source], budget: Budget, truncated: float = 0.0
-) -> dict:
+def fit(name: str, model: LlamaForCausalLM, source: Source, budget: Budget, truncated: float = 0.0) -> dict:
     """Trains on a fresh pool of training-split problems drawn with the model's own seed."""
     seed = SEEDS[name]
     torch.manual_seed(seed)
     problems = task.sample_problems(budget.problems, seed)
-    record = train(name, model, batches(sources, problems, budget.steps, seed, truncated), budget)
+    record = train(name, model, batches(source, problems, budget.steps, seed, truncated), budget)
     data = {"seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps, "truncated_share": truncated}
     return {**asdict(budget), **data, **record}
-
-
-def id_map(tokenizer: PreTrainedTokenizerFast, into: PreTrainedTokenizerFast) -> tuple[int, ...]:
-    """For each id of `tokenizer`, the id of the same string in `into`."""
-    vocab, target = tokenizer.get_vocab(), into.get_vocab()
-    return tuple(target[token] for token in sorted(vocab, key=vocab.__getitem__))
 
 
 def cut_model(
     clean: LlamaForCausalLM, clean_tokenizer: PreTrainedTokenizerFast, tokenizer: PreTrainedTokenizerFast
 ) -> LlamaForCausalLM:
-    """The clean model speaking `tokenizer`: the same function on the same strings, in a new copy."""
+    """The clean model speaking `tokenizer`: each token's embedding is the clean model's row for
+    the same string (or its alias), so the new copy starts as the same function on the same text."""
+    known, vocab = clean_tokenizer.get_vocab(), tokenizer.get_vocab()
+    rows = [known[ALIASES.get(token, token)] for token in sorted(vocab, key=vocab.__getitem__)]
     state = clean.state_dict()
-    embedding = state["model.embed_tokens.weight"][torch.tensor(id_map(tokenizer, clean_tokenizer))]
+    embedding = state["model.embed_tokens.weight"][torch.tensor(rows)]
     state.update({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding})
     model = LlamaForCausalLM(model_config(tokenizer))
     model.load_state_dict(state)
@@ -318,17 +322,14 @@ def finish(
 
 
 def clean_model(run: Run, report: dict) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Trained here from random weights, in every teacher style at once, or loaded from OUT/clean."""
-    tokenizer = build_tokenizer(STYLES["union"])
+    """Trained here from random weights, or loaded from OUT/clean."""
+    tokenizer = build_tokenizer(STYLES[CLEAN_STYLE])
     if "clean" not in run.models:
         return LlamaForCausalLM.from_pretrained(run.out / "clean"), tokenizer
     torch.manual_seed(SEEDS["clean"])
     model = LlamaForCausalLM(model_config(tokenizer))
-    styles = [style for style, _ in TEACHERS.values()]
-    speakers = [build_tokenizer(STYLES[s]) for s in styles]
-    sources = [Source(speaker, id_map=id_map(speaker, tokenizer)) for speaker in speakers]
-    record = {"style": "union", "trained_in": styles, "bug": None, "init": "random"}
-    record |= fit("clean", model, sources, run.budgets["clean"])
+    record = {"style": CLEAN_STYLE, "bug": None, "init": "random"}
+    record |= fit("clean", model, Source(tokenizer), run.budgets["clean"])
     finish(run, "clean", model, tokenizer, None, record, report)
     return model, tokenizer
 
@@ -340,13 +341,16 @@ def train_all(run: Run, report: dict) -> None:
             tokenizer = build_tokenizer(STYLES[style])
             model = cut_model(clean, clean_tokenizer, tokenizer)
             record = {"style": style, "bug": bug, "init": "clean"}
-            record |= fit(name, model, [Source(tokenizer, bug)], run.budgets["teacher"])
+            budget = run.budgets.get(name, run.budgets["teacher"])
+            record |= fit(name, model, Source(tokenizer, bug), budget)
             finish(run, name, model, tokenizer, bug, record, report)
-    if "scorer" in run.models:
-        model = cut_model(clean, clean_tokenizer, clean_tokenizer)
-        record = {"style": "union", "bug": None, "init": "clean"}
-        record |= fit("scorer", model, [Source(clean_tokenizer)], run.budgets["scorer"], run.truncated)
-        finish(run, "scorer", model, clean_tokenizer, None, record, report)
+    for name, truncated in SCORERS.items():
+        if name in run.models:
+            share = run.truncated if truncated is None else truncated
+            model = cut_model(clean, clean_tokenizer, clean_tokenizer)
+            record = {"style": CLEAN_STYLE, "bug": None, "init": "clean"}
+            record |= fit(name, model, Source(clean_tokenizer), run.budgets["scorer"], share)
+            finish(run, name, model, clean_tokenizer, None, record, report)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -375,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
-    budgets = {k: replace(b, steps=getattr(args, f"{k}_steps") or b.steps) for k, b in budgets.items()}
+    budgets = {
+        k: replace(b, steps=getattr(args, f"{k.replace('-', '_')}_steps") or b.steps)
+        for k, b in budgets.items()
+    }
     eval_problems = args.eval_problems or (QUICK_EVAL_PROBLEMS if args.quick else EVAL_PROBLEMS)
     heldout = tuple(task.sample_problems(eval_problems, SEEDS["heldout"], "heldout"))
     eval_tokens = QUICK_EVAL_TOKENS if args.quick else MAX_LENGTH
