@@ -1,0 +1,64 @@
+"""The quality benchmark's own arithmetic: which candidate step is right, and ranking accuracy."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import quality  # noqa: E402
+import task  # noqa: E402  (quality puts benchmarks/demo_models on the path)
+
+from cordgen.engines import ScoreRequest  # noqa: E402
+
+PROBLEM = task.Problem(37, (("+", 48), ("*", 3), ("-", 19)))
+QUESTION = PROBLEM.question
+
+
+def test_a_step_is_right_when_it_applies_the_next_operation_to_the_value_reached():
+    assert quality.step_is_right(PROBLEM, (" 37 + 48 = 85\n",))
+    assert not quality.step_is_right(PROBLEM, (" 37 + 48 = 75\n",))
+    assert not quality.step_is_right(PROBLEM, (" 37 + 49 = 86\n",))  # wrong operand
+    assert quality.step_is_right(PROBLEM, (" 37 + 48 = 85\n", " 85 * 3 = 255\n"))
+    assert not quality.step_is_right(PROBLEM, (" 37 + 48 = 85\n", " 85 * 3 = 245\n"))
+    # after a wrong step no continuation reaches the gold answer: not a pair the scorer can judge
+    assert quality.step_is_right(PROBLEM, (" 37 + 48 = 75\n", " 75 * 3 = 225\n")) is None
+    assert (
+        quality.step_is_right(
+            PROBLEM, (" 37 + 48 = 85\n", " 85 * 3 = 255\n", " 255 - 19 = 236\n", " 1 + 1 = 2\n")
+        )
+        is None
+    )
+    assert quality.step_is_right(PROBLEM, ("garbage", " 85 * 3 = 255\n")) is None
+
+
+def scored(steps, score):
+    return quality.ScoredCandidate(ScoreRequest(QUESTION, steps, "236"), score)
+
+
+def test_ranking_accuracy_counts_right_wrong_pairs_of_one_parent_by_position():
+    first = " 37 + 48 = 85\n"
+    seen = [
+        scored((first,), 0.5),
+        scored((" 37 + 48 = 75\n",), 0.1),  # pair at step 1: ranked right
+        scored((" 37 + 48 = 75\n", " 75 * 3 = 225\n"), 0.0),  # a wrong parent: left out
+        scored((" 37 + 48 = 75\n", " 75 * 3 = 215\n"), 0.9),
+        scored((first, " 85 * 3 = 255\n"), 0.2),
+        scored((first, " 85 * 3 = 245\n"), 0.3),  # pair at step 2: ranked wrong
+        scored((first, " 85 * 3 = 265\n"), 0.2),  # a tie: half
+        scored((first, " 85 * 3 = 255\n", " 255 - 19 = 236\n"), 0.9),
+        scored((first, " 85 * 3 = 255\n", " 255 - 19 = 226\n"), 0.01),  # last step: right
+    ]
+    ranking = quality.ranking_accuracy(seen, {QUESTION: PROBLEM})
+    assert ranking["1"] == {"pairs": 1, "accuracy": 1.0}
+    assert ranking["2"] == {"pairs": 2, "accuracy": 0.25}
+    assert ranking["middle"] == {"pairs": 3, "accuracy": 0.5}
+    assert ranking["last"] == {"pairs": 1, "accuracy": 1.0}
+
+
+def test_random_choice_is_a_deterministic_score_in_the_unit_interval():
+    requests = [ScoreRequest(QUESTION, (f" {i}\n",), "236") for i in range(50)]
+    scores = [s.score for s in quality.RandomChoice(0).score(requests)]
+    assert scores == [s.score for s in quality.RandomChoice(0).score(requests)]
+    assert all(0 < s <= 1 for s in scores) and len(set(scores)) == 50
