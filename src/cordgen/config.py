@@ -35,6 +35,11 @@ class EngineDefaults(StrictModel):
     dtype: str = "auto"
     max_model_len: int | None = Field(None, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, json_schema_extra=THROUGHPUT)
+    gpus: tuple[int, ...] | None = Field(
+        None,
+        description="device ids of this engine's worker process (CUDA_VISIBLE_DEVICES); placement: workers",
+        json_schema_extra=THROUGHPUT,
+    )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0,
@@ -147,6 +152,14 @@ class OutputConfig(StrictModel):
     path: str | None = Field(None, description="the run directory", json_schema_extra=THROUGHPUT)
 
 
+class PlacementConfig(StrictModel):
+    """Where engines run: in this process (CPU runs, tests) or one worker process per engine,
+    each on the devices its `gpus` names."""
+
+    mode: Literal["in_process", "workers"] = "in_process"
+    share_gpus: bool = Field(False, description="allow two engines on one device")
+
+
 class Recipe(StrictModel):
     seed: int = Field(0, description="base of every per-request sampling seed")
     format: StepFormat = StepFormat()
@@ -156,6 +169,7 @@ class Recipe(StrictModel):
     search: SearchConfig = SearchConfig()
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
+    placement: PlacementConfig = Field(PlacementConfig(), json_schema_extra=THROUGHPUT)
 
     @model_validator(mode="after")
     def _unique_teacher_names(self) -> Recipe:

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from cordgen.engines import (
     StepCandidate,
     Teacher,
 )
+from cordgen.engines.placement import check_placement, visible_device_count
 from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, file_digest, load_problems
 from cordgen.prompts import split_trace
@@ -52,12 +54,17 @@ class RoundReport:
     teacher_seconds: dict[str, float] = field(default_factory=dict)
     scored_tokens: int = 0
     scorer_seconds: float = 0.0
+    engine_seconds: float = 0.0  # wall time the controller waited on engines (teachers overlap)
 
     def teacher_timed(self, name: str, started: float) -> None:
         self.teacher_seconds[name] = self.teacher_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def scorer_timed(self, started: float) -> None:
         self.scorer_seconds += time.perf_counter() - started
+        self.engine_timed(started)
+
+    def engine_timed(self, started: float) -> None:
+        self.engine_seconds += time.perf_counter() - started
 
 
 class Observer(Protocol):
@@ -148,15 +155,20 @@ def propose_round(
     teacher, sample) order. Seeds are keyed by (problem, round, beam, teacher, sample)."""
     slots = [(p, parent, beam) for p in live for parent, beam in enumerate(searches[p.id].frontier)]
     samples = {t.name: t.sampling.n for t in run.recipe.teachers}
-    results = {}
-    for name, teacher in run.teachers.items():
+
+    def propose(name: str) -> list[list[StepCandidate]]:
         requests = [
             ProposeRequest(p.question, beam.texts, samples[name], (p.id, round_index, parent))
             for p, parent, beam in slots
         ]
         started = time.perf_counter()
-        results[name] = teacher.propose(requests)
+        candidates = run.teachers[name].propose(requests)
         report.teacher_timed(name, started)
+        return candidates
+
+    started = time.perf_counter()
+    results = in_parallel(propose, list(run.teachers))
+    report.engine_timed(started)
     proposals: dict[str, list[tuple[int, StepCandidate]]] = {p.id: [] for p in live}
     for slot, (problem, parent, _) in enumerate(slots):
         for name in run.teachers:
@@ -165,6 +177,16 @@ def propose_round(
                 usage[problem.id].add_generated(name, candidate.num_tokens)
                 report.generated_tokens[name] = report.generated_tokens.get(name, 0) + candidate.num_tokens
     return proposals
+
+
+def in_parallel(call: Callable[[str], Any], names: Sequence[str]) -> dict[str, Any]:
+    """One call per teacher, all in flight at once: each engine runs in its own process (vLLM's
+    engine core, or a cordgen worker), so teachers on separate devices generate concurrently."""
+    if len(names) == 1:
+        return {names[0]: call(names[0])}
+    with ThreadPoolExecutor(max_workers=len(names)) as executor:
+        futures = {name: executor.submit(call, name) for name in names}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def score_round(
@@ -221,6 +243,7 @@ def finish_problems(
             answers[p.id] = answer
             usage[p.id].add_generated(name, answer.num_tokens)
         report.teacher_timed(name, started)
+        report.engine_timed(started)
     run.sink([run.record(p, *outcomes[p.id], answers[p.id], usage[p.id]) for p in finishing])
 
 
@@ -243,11 +266,18 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
     usage = {p.id: Usage(rounds=1) for p in problems}
     answer_budget = {t.name: t.sampling.max_answer_tokens for t in run.recipe.teachers}
     traces: list[WholeTrace] = []
-    for name, teacher in run.teachers.items():
+
+    def solve(name: str) -> list[list[StepCandidate]]:
         requests = [ProposeRequest(p.question, (), config.curate_samples, (p.id, "curate")) for p in problems]
         started = time.perf_counter()
-        outputs = teacher.solve(requests, config.thinking_budget + answer_budget[name])
+        outputs = run.teachers[name].solve(requests, config.thinking_budget + answer_budget[name])
         report.teacher_timed(name, started)
+        return outputs
+
+    started = time.perf_counter()
+    solved = in_parallel(solve, list(run.teachers))
+    report.engine_timed(started)
+    for name, outputs in solved.items():
         for p, samples in zip(problems, outputs):
             for sample in samples:
                 steps, answer_text = split_trace(run.recipe.format, sample.text)
@@ -312,6 +342,7 @@ def finish_curated(
             answers[p.id] = answer
             usage[p.id].add_generated(name, answer.num_tokens)
         report.teacher_timed(name, started)
+        report.engine_timed(started)
     run.sink(
         [
             run.record(p, chosen[p.id][0][0], [b for b, _ in chosen[p.id][1:]], answers[p.id], usage[p.id])
@@ -372,6 +403,7 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     if recipe.output.path is None:
         raise ConfigError("no output: give --out or output.path in the recipe")
     check_sources(recipe)
+    check_placement(recipe, visible_device_count)
     fields = recipe.input
     problems = load_problems(
         fields.path,
@@ -429,7 +461,7 @@ def execute(
     plan.run_dir.begin(plan.recipe, manifest, plan.overwrite)
     clock = SessionClock(manifest)
     own_pool = pool is None
-    pool = EnginePool() if own_pool else pool
+    pool = EnginePool(plan.recipe.placement.mode) if own_pool else pool
     try:
         teachers, scorer = build_roles(plan.recipe, pool)
         with plan.run_dir.writer() as append:

@@ -6,6 +6,7 @@ gold answer starts and every role counts tokens the way its engine does.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -58,35 +59,68 @@ class VllmModel:
         self.llm = LLM(**vllm_engine_kwargs(settings))
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
+        self._lock = threading.Lock()  # teachers sharing this engine call it from their own threads
 
     def generate(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Any]:
         if not prompts:
             return []
         batch = [TokensPrompt(prompt_token_ids=ids) for ids in prompts]
-        return self.llm.generate(batch, list(params), use_tqdm=False)
+        with self._lock:
+            return self.llm.generate(batch, list(params), use_tqdm=False)
+
+    def reset_prefix_cache(self) -> None:
+        with self._lock:
+            self.llm.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
 
 
+EngineModel = Any  # VllmModel, or WorkerModel (the same surface, in its own process)
+
+
 class EnginePool:
-    """Loads each distinct engine once, so a scorer that is also a teacher is one copy."""
+    """Loads each distinct engine once, so a scorer that is also a teacher is one copy; with
+    `workers`, each in its own process, all started at once."""
 
-    def __init__(self) -> None:
-        self._models: dict[EngineSettings, VllmModel] = {}
+    def __init__(self, placement: str = "in_process") -> None:
+        self.placement = placement
+        self._models: dict[EngineSettings, EngineModel] = {}
 
-    def model(self, settings: EngineSettings) -> VllmModel:
+    def load(self, engines: Sequence[EngineSettings]) -> None:
+        """Worker processes all start before any is waited for, so their engines load in
+        parallel; in-process engines load one after another."""
+        todo = [e for e in dict.fromkeys(engines) if e not in self._models]
+        if self.placement == "workers":
+            from cordgen.engines.worker import WorkerModel
+
+            started = {e: WorkerModel(e) for e in todo}
+            self._models.update(started)
+            for model in started.values():
+                model.wait_ready()
+        for settings in todo:
+            self.model(settings)
+
+    def model(self, settings: EngineSettings) -> EngineModel:
         if settings not in self._models:
-            self._models[settings] = VllmModel(settings)
+            if self.placement == "workers":
+                self.load([settings])
+            else:
+                self._models[settings] = VllmModel(settings)
         return self._models[settings]
 
     def __len__(self) -> int:
         return len(self._models)
 
+    def reset_prefix_caches(self) -> None:
+        """Cold caches, so that measurements do not depend on what ran before them."""
+        for model in self._models.values():
+            model.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """All engines at once: vLLM waits up to 5 s for each engine process before killing it."""
         with ThreadPoolExecutor(max_workers=max(1, len(self._models))) as executor:
-            list(executor.map(VllmModel.shutdown, self._models.values()))
+            list(executor.map(lambda model: model.shutdown(), self._models.values()))
         self._models.clear()
 
 
@@ -95,6 +129,7 @@ def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> Vll
 
 
 def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, VllmTeacher], VllmScorer]:
+    pool.load([role.engine for role in [*recipe.teachers, recipe.scorer]])
     teachers = {
         t.name: VllmTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
     }
@@ -112,7 +147,7 @@ def finish_reason_of(completion: Any, fmt: StepFormat) -> FinishReason:
 
 
 class VllmTeacher:
-    def __init__(self, config: TeacherConfig, model: VllmModel, fmt: StepFormat, seed: int = 0) -> None:
+    def __init__(self, config: TeacherConfig, model: EngineModel, fmt: StepFormat, seed: int = 0) -> None:
         self.name = config.name
         self.seed = seed
         self.config = config
@@ -224,7 +259,7 @@ def read_answer_logprobs(output: Any, answer_start: int, answer_ids: list[int]) 
 class VllmScorer:
     """Predictive score of the gold answer from prompt logprobs (max_tokens=1, nothing sampled)."""
 
-    def __init__(self, config: ScorerConfig, model: VllmModel, fmt: StepFormat) -> None:
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
         self.name = config.name
         self.config = config
         self.model = model

@@ -1,0 +1,134 @@
+"""Placement: the plan checked before anything loads, and engines in worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from cordgen.config import Recipe
+from cordgen.engines.placement import check_placement
+from cordgen.errors import ConfigError, EngineError
+from cordgen.problems import Problem
+
+
+def plan(*engines: dict, mode: str = "workers", share: bool = False) -> Recipe:
+    teachers = [{"name": f"t{i}", "engine": {"model": f"m{i}", **e}} for i, e in enumerate(engines)]
+    return Recipe.model_validate(
+        {
+            "teachers": teachers,
+            "scorer": {"engine": teachers[0]["engine"]},
+            "placement": {"mode": mode, "share_gpus": share},
+        }
+    )
+
+
+def test_a_sound_plan_passes_and_the_device_count_is_asked_only_when_gpus_are_named():
+    check_placement(plan({}, {}, mode="in_process"), lambda: pytest.fail("asked for devices"))
+    check_placement(plan({"gpus": [0, 1], "tensor_parallel_size": 2}, {"gpus": [2]}), lambda: 4)
+
+
+@pytest.mark.parametrize(
+    ("engines", "mode", "share", "message"),
+    [
+        (({"gpus": [0]},), "in_process", False, r"t0/scorer: gpus \[0\] need placement.mode: workers"),
+        (({"gpus": [0, 4]},), "workers", False, r"GPU 4 does not exist \(this machine has 4\)"),
+        (({"gpus": [1, 1]},), "workers", False, r"names a device twice"),
+        (
+            ({"gpus": [0, 1, 2], "tensor_parallel_size": 2},),
+            "workers",
+            False,
+            r"tensor_parallel_size 2 does not",
+        ),
+        (({"gpus": [0, 1]}, {"gpus": [1, 2]}), "workers", False, r"t1: GPU 1 is already t0/scorer's"),
+    ],
+)
+def test_a_bad_plan_is_one_line_naming_the_engine(engines, mode, share, message):
+    with pytest.raises(ConfigError, match=message):
+        check_placement(plan(*engines, mode=mode, share=share), lambda: 4)
+
+
+def test_shared_devices_pass_when_asked_for():
+    check_placement(plan({"gpus": [0, 1]}, {"gpus": [1, 2]}, share=True), lambda: 4)
+
+
+@pytest.fixture(scope="module")
+def worker_pool():
+    from cordgen.engines.vllm_local import EnginePool
+
+    pool = EnginePool("workers")
+    yield pool
+    pool.shutdown()
+
+
+@pytest.mark.engine
+def test_workers_give_the_records_in_process_engines_give(
+    tiny_model_dirs, engine_pool, worker_pool, problems
+):
+    from tests.test_synth import recipe_data, run, strip_scores
+
+    recipe = Recipe.model_validate(recipe_data(tiny_model_dirs))
+    inputs = [Problem(f"p{i}", p.question, p.answer) for i, p in enumerate(problems[:6])]
+    in_process = run(recipe, engine_pool, inputs)
+    in_workers = run(recipe, worker_pool, inputs)
+    assert len(worker_pool) == 2 and all(m.process.is_alive() for m in worker_pool._models.values())
+    assert [strip_scores(r) for r in in_workers] == [strip_scores(r) for r in in_process]
+    for a, b in zip(in_workers, in_process):
+        assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
+
+
+@pytest.mark.engine
+def test_a_dead_worker_stops_the_run_with_its_name_and_the_rerun_resumes(tiny_model_dirs, problems, tmp_path):
+    import orjson
+
+    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.store import RunDirectory
+    from cordgen.synth import NoObserver, execute, plan_run
+    from tests.test_synth import recipe_data
+
+    path = tmp_path / "problems.jsonl"
+    path.write_bytes(
+        b"".join(
+            orjson.dumps({"id": f"p{i}", "question": p.question, "answer": p.answer}) + b"\n"
+            for i, p in enumerate(problems)
+        )
+    )
+    data = recipe_data(tiny_model_dirs, max_steps=6)
+    data |= {
+        "placement": {"mode": "workers"},
+        "input": {"path": str(path)},
+        "output": {"path": str(tmp_path / "run")},
+    }
+    recipe = Recipe.model_validate(data)
+    pool = EnginePool("workers")
+    killed = []
+
+    def kill_beta_after_first_records(records):
+        if records and not killed:
+            beta = next(m for s, m in pool._models.items() if s.model == tiny_model_dirs["beta"])
+            os.kill(beta.process.pid, signal.SIGKILL)
+            killed.extend([len(records), beta.process.pid])
+
+    try:
+        with pytest.raises(EngineError, match=r"engine worker for .*beta.* died during generate"):
+            execute(plan_run(recipe), NoObserver(), kill_beta_after_first_records, pool=pool)
+    finally:
+        pool.shutdown()
+    with pytest.raises(ProcessLookupError):  # vLLM's engine processes went with their worker
+        os.killpg(killed[1], 0)
+    run_dir = RunDirectory(tmp_path / "run")
+    assert run_dir.manifest().status == "failed" and len(run_dir.completed_ids()) == killed[0] > 0
+    execute(plan_run(recipe), NoObserver(), lambda records: None)
+    assert run_dir.manifest().status == "complete" and len(run_dir.completed_ids()) == len(problems)
+
+
+def test_the_paper_recipe_puts_each_teacher_on_its_own_gpu():
+    from pathlib import Path
+
+    from cordgen.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "paper-heterogeneous.yaml")
+    check_placement(recipe, lambda: 4)
+    with pytest.raises(ConfigError, match=r"r1-distill-32b: GPU 0 does not exist \(this machine has 0\)"):
+        check_placement(recipe, lambda: 0)
