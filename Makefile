@@ -6,6 +6,7 @@ VENV ?= .venv
 PIP_ARGS ?=
 PYTEST_ARGS ?=
 QUALITY_ARGS ?=
+THROUGHPUT_ARGS ?=
 CORDGEN_DEVICE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
 DEMO_RUN ?= runs/demo
 CORDGEN := $(VENV)/bin/cordgen
 
-.PHONY: install test demo quality clean
+.PHONY: install test demo quality throughput clean
 
 install: $(STAMP)
 
@@ -40,6 +41,10 @@ demo: install
 # CoRD vs single teachers vs curation on the demo task, with ablations (benchmarks/results/).
 quality: install
 	$(VENV)/bin/python benchmarks/quality.py $(QUALITY_ARGS)
+
+# Lockstep vs per-problem loop, prefix-cache reuse, CoRD vs curation, time outside engine calls.
+throughput: install
+	$(VENV)/bin/python benchmarks/throughput.py $(THROUGHPUT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
