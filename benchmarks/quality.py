@@ -196,7 +196,7 @@ def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], s
 def run_variant(
     variant: Variant, recipe: Recipe, pool, problems: Sequence[Problem], demo: dict[str, task.Problem]
 ) -> dict:
-    from cordgen.engines.vllm_local import build_roles
+    from cordgen.engines.roles import build_roles
     from cordgen.synth import synthesize
 
     teachers, scorer = build_roles(recipe, pool)
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from rich.console import Console
 
-    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.engines.pool import EnginePool
 
     args = parse_args(argv)
     console = Console(stderr=True)

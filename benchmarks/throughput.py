@@ -8,6 +8,8 @@
 - the scorer reading the prefix cache against not reading it: prompt tokens computed per decoded
   candidate token, and scorer wall time;
 - CoRD against curation with the same teachers: wall time and tokens per problem;
+- pipelining: problems in 2 or 4 groups taking turns (the scorer reads one group while the
+  teachers write the next) against all in one lockstep group;
 - the share of wall time spent outside engine calls (controller, tokenization, records).
 The recipe is the only difference between a CPU run with the demo teachers and a GPU run with
 real models. Results go to benchmarks/results/throughput.{json,md}.
@@ -64,7 +66,7 @@ class Timing:
 def synthesize_timed(
     problems: Sequence[Problem], recipe: Recipe, pool, timing: Timing | None = None
 ) -> Timing:
-    from cordgen.engines.vllm_local import build_roles
+    from cordgen.engines.roles import build_roles
     from cordgen.synth import synthesize
 
     timing = timing or Timing()
@@ -77,11 +79,16 @@ def synthesize_timed(
 
 
 def with_changes(
-    recipe: Recipe, strategy: str | None = None, reuse_prefix_cache: bool | None = None
+    recipe: Recipe,
+    strategy: str | None = None,
+    reuse_prefix_cache: bool | None = None,
+    pipeline_groups: int | None = None,
 ) -> Recipe:
     data = recipe.model_dump()
     if strategy is not None:
         data["search"]["strategy"] = strategy
+    if pipeline_groups is not None:
+        data["search"]["pipeline_groups"] = pipeline_groups
     if reuse_prefix_cache is not None:
         data["scorer"]["reuse_prefix_cache"] = reuse_prefix_cache
     return Recipe.model_validate(data)
@@ -145,6 +152,22 @@ def cord_vs_curate(problems: Sequence[Problem], recipe: Recipe, pool) -> dict:
     return result
 
 
+def pipelining(problems: Sequence[Problem], recipe: Recipe, pool, groups: Sequence[int] = (1, 2, 4)) -> dict:
+    """The same search with its problems in 1, 2 or 4 groups taking turns."""
+    rows = {}
+    for count in groups:
+        timing = synthesize_timed(problems, with_changes(recipe, pipeline_groups=count), pool)
+        rows[str(count)] = {
+            "problems_per_s": round(len(problems) / timing.wall_s, 3),
+            "scorer_s": round(timing.scorer_s, 2),
+            "engine_wait_s": round(timing.engine_s, 2),
+        }
+    one = rows["1"]["problems_per_s"]
+    for row in rows.values():
+        row["speedup"] = round(row["problems_per_s"] / one, 2)
+    return rows
+
+
 def markdown(report: dict) -> str:
     lines = [f"Device: {report['device']}; recipe {report['config']}.", ""]
     lines += ["| problems | lockstep problems/s | per-problem loop problems/s | speedup | outside engines |"]
@@ -183,7 +206,14 @@ def markdown(report: dict) -> str:
             f"| {key} | {row['wall_s_per_problem']:.3f} | {row['generated_tokens_per_problem']:.0f} "
             f"| {row['scorer_tokens_per_problem']:.0f} | {100 * row['outside_engines_share']:.1f}% |"
         )
-    lines += ["", f"CoRD / curate wall time: {versus['wall_ratio_cord_over_curate']:.2f}x (paper: 1.7x)"]
+    lines += ["", f"CoRD / curate wall time: {versus['wall_ratio_cord_over_curate']:.2f}x (paper: 1.7x)", ""]
+    lines += ["| pipeline groups | problems/s | speedup | scorer s | waiting on engines s |"]
+    lines.append("|---|---|---|---|---|")
+    for count, row in report["pipelining"].items():
+        lines.append(
+            f"| {count} | {row['problems_per_s']:.2f} | {row['speedup']:.2f}x | {row['scorer_s']:.1f} "
+            f"| {row['engine_wait_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from rich.console import Console
 
-    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.engines.pool import EnginePool
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
@@ -210,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(args.config)
     counts = [int(c) for c in args.counts.split(",")]
     problems = load_problems(recipe.input.path)[: max(counts)]
-    pool = EnginePool()
+    pool = EnginePool(recipe.placement.mode)
     try:
         synthesize_timed(problems[:2], recipe, pool)  # loads the engines and warms them up
         report = {"device": device_name(), "config": str(args.config)}
@@ -220,6 +250,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.print(report["prefix_cache"])
         report["cord_vs_curate"] = cord_vs_curate(problems, recipe, pool)
         console.print(report["cord_vs_curate"])
+        report["pipelining"] = pipelining(problems, recipe, pool)
+        console.print(report["pipelining"])
     finally:
         pool.shutdown()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ def tiny_model_dirs(tmp_path_factory, problems) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def engine_pool():
-    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.engines.pool import EnginePool
 
     pool = EnginePool()
     yield pool

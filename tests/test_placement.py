@@ -55,7 +55,7 @@ def test_shared_devices_pass_when_asked_for():
 
 @pytest.fixture(scope="module")
 def worker_pool():
-    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.engines.pool import EnginePool
 
     pool = EnginePool("workers")
     yield pool
@@ -82,7 +82,7 @@ def test_workers_give_the_records_in_process_engines_give(
 def test_a_dead_worker_stops_the_run_with_its_name_and_the_rerun_resumes(tiny_model_dirs, problems, tmp_path):
     import orjson
 
-    from cordgen.engines.vllm_local import EnginePool
+    from cordgen.engines.pool import EnginePool
     from cordgen.store import RunDirectory
     from cordgen.synth import NoObserver, execute, plan_run
     from tests.test_synth import recipe_data
@@ -111,7 +111,7 @@ def test_a_dead_worker_stops_the_run_with_its_name_and_the_rerun_resumes(tiny_mo
             killed.extend([len(records), beta.process.pid])
 
     try:
-        with pytest.raises(EngineError, match=r"engine worker for .*beta.* died during generate"):
+        with pytest.raises(EngineError, match=r"engine worker for .*beta.* died during sample"):
             execute(plan_run(recipe), NoObserver(), kill_beta_after_first_records, pool=pool)
     finally:
         pool.shutdown()
@@ -132,3 +132,80 @@ def test_the_paper_recipe_puts_each_teacher_on_its_own_gpu():
     check_placement(recipe, lambda: 4)
     with pytest.raises(ConfigError, match=r"r1-distill-32b: GPU 0 does not exist \(this machine has 0\)"):
         check_placement(recipe, lambda: 0)
+
+
+def test_remote_engines_need_their_key_variable_and_no_gpus(monkeypatch):
+    from pathlib import Path
+
+    from cordgen.config import load_recipe, semantic_hash
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "paper-remote.yaml")
+    monkeypatch.delenv("CORDGEN_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"r1-distill-32b: remote.api_key_env names CORDGEN_API_KEY, which"):
+        check_placement(recipe, lambda: pytest.fail("asked for devices"))
+    monkeypatch.setenv("CORDGEN_API_KEY", "k")
+    check_placement(recipe, lambda: pytest.fail("asked for devices"))
+    on_gpus = plan({"remote": {"url": "http://node1:8000"}, "gpus": [0]})
+    with pytest.raises(ConfigError, match=r"t0/scorer: a remote engine runs on its server's GPUs"):
+        check_placement(on_gpus, lambda: 4)
+    moved = plan({"remote": {"url": "http://node9:8000", "max_concurrent_requests": 8}})
+    assert semantic_hash(moved) == semantic_hash(plan({"remote": {"url": "http://node1:8000"}}))
+
+
+def wait_for_records(path, more_than: int, process, limit_s: float = 300) -> int:
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        count = len(path.read_bytes().splitlines()) if path.exists() else 0
+        if count > more_than:
+            return count
+        assert process.poll() is None, f"synth exited early with {process.returncode}"
+        time.sleep(0.2)
+    pytest.fail(f"no new records in {path} after {limit_s} s")
+
+
+@pytest.mark.engine
+def test_ctrl_c_and_kill_of_the_main_process_leave_no_worker_behind(tiny_model_dirs, tmp_path):
+    """A terminal's Ctrl-C reaches the main process's group alone: the round in flight is written
+    and the workers shut down with the run. A SIGKILLed main process takes its workers along."""
+    import subprocess
+    import sys
+
+    import orjson
+    import psutil
+    import yaml
+
+    from tests.test_synth import recipe_data
+    from tests.tiny_models import make_problems
+
+    # Unseen problems keep the tiny teachers wandering until max_steps: the run is still going
+    # when the signals arrive.
+    rows = [
+        {"id": f"q{i}", "question": p.question, "answer": p.answer}
+        for i, p in enumerate(make_problems(60, 11))
+    ]
+    (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    data = recipe_data(tiny_model_dirs, max_steps=40, thinking_budget=900)
+    data |= {"placement": {"mode": "workers"}, "input": {"path": "problems.jsonl"}, "output": {"path": "run"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "cordgen", "synth", "--config", "recipe.yaml", "-q"]
+    results = tmp_path / "run" / "results.jsonl"
+
+    first = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stderr=subprocess.PIPE)
+    wait_for_records(results, 0, first)
+    workers = psutil.Process(first.pid).children(recursive=True)
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=180) == 130, first.stderr.read().decode()[-2000:]
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+    assert orjson.loads((tmp_path / "run" / "manifest.json").read_bytes())["status"] == "interrupted"
+
+    second = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stderr=subprocess.DEVNULL)
+    wait_for_records(results, len(results.read_bytes().splitlines()), second)
+    workers = psutil.Process(second.pid).children(recursive=True)
+    assert len(workers) >= 2
+    second.kill()
+    second.wait(timeout=30)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, [p.name() for p in alive]

@@ -14,9 +14,9 @@ pytestmark = pytest.mark.engine
 
 
 def make_scorer(model, **overrides):
-    from cordgen.engines.vllm_local import VllmScorer
+    from cordgen.engines.roles import EngineScorer
 
-    return VllmScorer(ScorerConfig(engine=model.settings, **overrides), model, StepFormat())
+    return EngineScorer(ScorerConfig(engine=model.settings, **overrides), model, StepFormat())
 
 
 def score_requests(problems) -> list[ScoreRequest]:

@@ -58,7 +58,7 @@ class Counting:
 
 
 def run(recipe: Recipe, pool, problems, calls: Counter | None = None) -> list[TraceRecord]:
-    from cordgen.engines.vllm_local import build_roles
+    from cordgen.engines.roles import build_roles
 
     teachers, scorer = build_roles(recipe, pool)
     if calls is not None:
@@ -121,6 +121,19 @@ def test_same_seed_same_records_and_batched_equals_alone(cord_records, recipe, e
     assert [strip_scores(r) for r in alone] == [strip_scores(r) for r in records[:3]]
     for a, b in zip(alone, records):
         assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
+
+
+def test_pipelined_groups_give_the_lockstep_records_with_one_call_per_group_round(
+    cord_records, tiny_model_dirs, engine_pool, inputs
+):
+    records, _ = cord_records
+    pipelined = Recipe.model_validate(recipe_data(tiny_model_dirs, pipeline_groups=3))
+    calls: Counter = Counter()
+    got = run(pipelined, engine_pool, inputs, calls)
+    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in records]
+    groups = [got[0:3], got[3:6], got[6:8]]  # ids p0..p7 in input order, split 3/3/2
+    group_rounds = sum(max(r.usage.rounds for r in group) for group in groups)
+    assert calls[("alpha", "propose")] == calls[("alpha-scorer", "score")] == group_rounds
 
 
 def strip_scores(record: TraceRecord) -> dict:

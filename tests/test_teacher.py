@@ -13,7 +13,7 @@ GREEDY = SamplingSettings(temperature=0.0, max_step_tokens=64, max_answer_tokens
 
 
 def make_teacher(model, name="t", **sampling):
-    from cordgen.engines.vllm_local import VllmTeacher
+    from cordgen.engines.roles import EngineTeacher
 
     config = TeacherConfig(
         name=name,
@@ -21,7 +21,7 @@ def make_teacher(model, name="t", **sampling):
         chat=ChatSettings(),
         sampling=GREEDY.model_copy(update=sampling),
     )
-    return VllmTeacher(config, model, StepFormat())
+    return EngineTeacher(config, model, StepFormat())
 
 
 @pytest.fixture(params=["alpha_model", "beta_model"])

@@ -71,10 +71,31 @@ class EngineDefaults(StrictModel):
     trust_remote_code: bool = False
 
 
-class EngineSettings(EngineDefaults):
-    """How one vLLM engine is loaded. Two roles with equal settings share one engine."""
+class RemoteEndpoint(StrictModel):
+    """An OpenAI-compatible vLLM server (`vllm serve`) running the engine elsewhere. The API key
+    is read from the named environment variable when the run starts and is never written down."""
 
-    model: str = Field(min_length=1, description="Hugging Face id or local directory")
+    url: str = Field(pattern=r"^https?://\S+$", description="server root, e.g. http://node3:8000 (or .../v1)")
+    served_model_name: str | None = Field(
+        None, description="the model name the server answers to; asked of the server if unset"
+    )
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the API key"
+    )
+    max_concurrent_requests: int = Field(128, gt=0, description="requests in flight at once")
+    timeout_s: float = Field(600.0, gt=0, description="per request")
+    max_retries: int = Field(3, ge=0, description="for lost connections and 502/503/504 answers")
+
+
+class EngineSettings(EngineDefaults):
+    """How one engine is loaded (or reached). Two roles with equal settings share one engine."""
+
+    model: str = Field(
+        min_length=1, description="Hugging Face id or local directory (for a remote engine: its tokenizer)"
+    )
+    remote: RemoteEndpoint | None = Field(
+        None, description="serve this engine from a vLLM server instead", json_schema_extra=THROUGHPUT
+    )
 
     @classmethod
     def for_model(cls, model: str, defaults: EngineDefaults) -> EngineSettings:
@@ -139,6 +160,12 @@ class SearchConfig(StrictModel):
     max_steps: int = Field(64, ge=1, description="rounds before a problem's live beams are closed")
     thinking_budget: int = Field(16384, gt=0, description="tokens of thinking before a beam is closed")
     curate_samples: int = Field(4, ge=1, description="whole traces per teacher under `curate`")
+    pipeline_groups: int = Field(
+        1,
+        ge=1,
+        description="groups of problems taking turns, so the scorer reads one while teachers write the next",
+        json_schema_extra=THROUGHPUT,
+    )
 
 
 class InputConfig(StrictModel):

@@ -216,7 +216,8 @@ def execute_scoring(
     """Loads the scorer (or takes it from `pool`) only when something is left to score."""
     if not plan.todo:
         return
-    from cordgen.engines.vllm_local import EnginePool, build_scorer
+    from cordgen.engines.pool import EnginePool
+    from cordgen.engines.roles import build_scorer
 
     own_pool = pool is None
     pool = EnginePool() if own_pool else pool

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +61,6 @@ class RoundReport:
 
     def scorer_timed(self, started: float) -> None:
         self.scorer_seconds += time.perf_counter() - started
-        self.engine_timed(started)
 
     def engine_timed(self, started: float) -> None:
         self.engine_seconds += time.perf_counter() - started
@@ -122,25 +121,83 @@ def synthesize(
 
 
 def beam_search(run: Run, problems: Sequence[Problem]) -> None:
-    config = run.recipe.search
-    searches = {p.id: ProblemSearch() for p in problems}
-    usage = {p.id: Usage() for p in problems}
-    live = list(problems)
-    round_index = 0
-    while live and not run.should_stop():
-        round_index += 1
-        report = RoundReport(round_index, len(live), sum(len(searches[p.id].frontier) for p in live))
-        proposals = propose_round(run, live, searches, round_index, usage, report)
-        candidates = {p.id: collapse(proposals[p.id], round_index) for p in live}
-        scores = score_round(run, live, searches, candidates, usage, report)
-        for p in live:
-            searches[p.id] = searches[p.id].advance(candidates[p.id], scores[p.id], config)
-            usage[p.id].rounds = round_index
-        finishing = [p for p in live if searches[p.id].done(config)]
-        finish_problems(run, finishing, {p.id: searches[p.id].outcome() for p in finishing}, usage, report)
-        live = [p for p in live if not searches[p.id].done(config)]
-        report.finished_problems = len(finishing)
-        run.observer.round_finished(report)
+    """Groups of problems take turns: while the scorer reads one group's candidates (in a
+    background thread), the teachers propose for the next group. With one group (the default)
+    every round waits for its scores, as the search needs them before the next proposal."""
+    count = run.recipe.search.pipeline_groups
+    size = -(-len(problems) // count) if problems else 1
+    groups = [ProblemGroup(run, list(problems[i : i + size])) for i in range(0, len(problems), size)]
+    pending: Pending | None = None
+    turn = 0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cordgen-scorer") as scoring:
+        while not run.should_stop():
+            waiting = [g for g in groups if g.live]
+            if not waiting:
+                break
+            group = waiting[turn % len(waiting)]
+            turn += 1
+            if pending is not None and pending[0] is group:
+                settle(pending)
+                pending = None
+                continue
+            step = group.propose()
+            settle(pending)
+            pending = (group, step, scoring.submit(group.score, step))
+        settle(pending)
+
+
+def settle(pending: Pending | None) -> None:
+    """Waits for a group's scores (the wait counts as engine time) and advances the group."""
+    if pending is None:
+        return
+    group, step, future = pending
+    started = time.perf_counter()
+    scores = future.result()
+    step.report.engine_timed(started)
+    group.advance(step, scores)
+
+
+@dataclass(frozen=True)
+class GroupRound:
+    report: RoundReport
+    candidates: dict[str, list[Candidate]]
+
+
+Pending = tuple["ProblemGroup", GroupRound, Future[dict[str, list[float]]]]
+
+
+class ProblemGroup:
+    """Problems that advance in lockstep: per round, ONE propose call per teacher and ONE
+    scorer call over all of them."""
+
+    def __init__(self, run: Run, problems: list[Problem]) -> None:
+        self.run = run
+        self.live = problems
+        self.searches = {p.id: ProblemSearch() for p in problems}
+        self.usage = {p.id: Usage() for p in problems}
+        self.rounds = 0
+
+    def propose(self) -> GroupRound:
+        self.rounds += 1
+        beams = sum(len(self.searches[p.id].frontier) for p in self.live)
+        report = RoundReport(self.rounds, len(self.live), beams)
+        proposals = propose_round(self.run, self.live, self.searches, self.rounds, self.usage, report)
+        return GroupRound(report, {p.id: collapse(proposals[p.id], self.rounds) for p in self.live})
+
+    def score(self, step: GroupRound) -> dict[str, list[float]]:
+        return score_round(self.run, self.live, self.searches, step.candidates, self.usage, step.report)
+
+    def advance(self, step: GroupRound, scores: Mapping[str, Sequence[float]]) -> None:
+        config = self.run.recipe.search
+        for p in self.live:
+            self.searches[p.id] = self.searches[p.id].advance(step.candidates[p.id], scores[p.id], config)
+            self.usage[p.id].rounds = self.rounds
+        finishing = [p for p in self.live if self.searches[p.id].done(config)]
+        outcomes = {p.id: self.searches[p.id].outcome() for p in finishing}
+        finish_problems(self.run, finishing, outcomes, self.usage, step.report)
+        self.live = [p for p in self.live if not self.searches[p.id].done(config)]
+        step.report.finished_problems = len(finishing)
+        self.run.observer.round_finished(step.report)
 
 
 def propose_round(
@@ -289,6 +346,7 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
         [ScoreRequest(tr.problem.question, tr.steps, tr.problem.answer) for tr in traces]
     )
     report.scorer_timed(started)
+    report.engine_timed(started)
     beams: dict[str, list[tuple[Beam, WholeTrace]]] = {p.id: [] for p in problems}
     for trace, score in zip(traces, scores):
         count_scoring(usage[trace.problem.id], report, score.num_prompt_tokens, score.num_cached_tokens)
@@ -455,7 +513,8 @@ def execute(
 ) -> None:
     """Writes the run's first files, loads each distinct engine once (or uses `pool`),
     synthesizes what is still to do, and keeps the manifest's status and counts current."""
-    from cordgen.engines.vllm_local import EnginePool, build_roles
+    from cordgen.engines.pool import EnginePool
+    from cordgen.engines.roles import build_roles
 
     manifest = plan.manifest
     plan.run_dir.begin(plan.recipe, manifest, plan.overwrite)

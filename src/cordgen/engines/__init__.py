@@ -1,7 +1,10 @@
-"""What the search asks of engines, independent of how they run (local vLLM, later remote).
+"""What the search asks of engines, independent of where they run (in this process, in a
+worker process, behind a `vllm serve` URL).
 
 A teacher proposes next steps and writes final answers; a scorer reads how likely a trajectory
 makes the gold answer. Every call takes a whole batch: the controller never loops around them.
+Below the roles, an `EngineModel` does two things, seeded sampling and prompt logprobs over a
+span, on prompts given as token ids that the roles build with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class FinishReason(str, Enum):
@@ -114,3 +117,51 @@ class Scorer(Protocol):
     name: str
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]: ...
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One seeded sample: its seed alone decides it, whatever else shares the engine call."""
+
+    prompt: list[int]
+    max_tokens: int
+    seed: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str  # without the stop string
+    num_tokens: int  # tokens decoded, the stop string's included
+    stop_string: str | None  # the stop string that ended it, None at EOS or the token limit
+    truncated: bool  # hit max_tokens
+
+
+@dataclass(frozen=True)
+class SpanLogprobs:
+    """log p(prompt[i] | prompt[:i]) for every i from the span's start, or None when an engine
+    could not vouch for them (positions served from the prefix cache carry placeholders)."""
+
+    logprobs: tuple[float, ...] | None
+    num_cached_tokens: int
+
+
+class EngineModel(Protocol):
+    """One loaded model, wherever it runs; roles that name equal settings share it."""
+
+    settings: Any
+    tokenizer: Any
+    max_model_len: int
+
+    def sample(self, requests: Sequence[SampleRequest]) -> list[Sample]: ...
+
+    def span_logprobs(
+        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
+    ) -> list[SpanLogprobs]: ...
+
+    def reset_prefix_cache(self) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -3,6 +3,7 @@ minutes into a start."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 from cordgen.config import EngineSettings, Recipe
@@ -23,6 +24,9 @@ def check_placement(recipe: Recipe, device_count: Callable[[], int]) -> None:
     claimed: dict[int, str] = {}
     for settings, roles in engines.items():
         name = "/".join(roles)
+        if settings.remote is not None:
+            check_remote(name, settings)
+            continue
         if settings.gpus is None:
             continue
         if recipe.placement.mode != "workers":
@@ -34,6 +38,14 @@ def check_placement(recipe: Recipe, device_count: Callable[[], int]) -> None:
                     f"{name}: GPU {device} is already {claimed[device]}'s (set placement.share_gpus to allow)"
                 )
             claimed.setdefault(device, name)
+
+
+def check_remote(name: str, settings: EngineSettings) -> None:
+    if settings.gpus is not None:
+        raise ConfigError(f"{name}: a remote engine runs on its server's GPUs; remove gpus")
+    key_env = settings.remote.api_key_env if settings.remote else None
+    if key_env is not None and not os.environ.get(key_env):
+        raise ConfigError(f"{name}: remote.api_key_env names {key_env}, which is not set")
 
 
 def check_devices(name: str, gpus: Sequence[int], tensor_parallel: int, device_count: int) -> None:

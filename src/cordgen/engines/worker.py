@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from cordgen.config import EngineSettings
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs
 from cordgen.errors import EngineError
 
 PR_SET_PDEATHSIG = 1
@@ -69,8 +70,7 @@ def serve(settings: EngineSettings, conn: Connection) -> None:
 
 
 class WorkerModel:
-    """A VllmModel in a worker process, with the same surface: settings, tokenizer,
-    max_model_len, generate, reset_prefix_cache, shutdown."""
+    """A VllmModel in a worker process, behind the same EngineModel surface."""
 
     def __init__(self, settings: EngineSettings) -> None:
         """Starts the worker and returns at once; `wait_ready` waits for its engine. Start it
@@ -89,16 +89,10 @@ class WorkerModel:
         self.tokenizer: Any = None
 
     def wait_ready(self) -> WorkerModel:
-        from vllm.tokenizers import get_tokenizer
-
-        from cordgen.config import resolve_model_source
+        from cordgen.engines.pool import load_tokenizer
 
         self.max_model_len = self._receive("start")
-        self.tokenizer = get_tokenizer(
-            resolve_model_source(self.settings.tokenizer or self.settings.model),
-            trust_remote_code=self.settings.trust_remote_code,
-            revision=self.settings.revision,
-        )
+        self.tokenizer = load_tokenizer(self.settings)
         return self
 
     def _receive(self, what: str) -> Any:
@@ -121,10 +115,13 @@ class WorkerModel:
                 self._conn.send((method, args))
             return self._receive(method)
 
-    def generate(self, prompts: Sequence[list[int]], params: Sequence[Any]) -> list[Any]:
-        if not prompts:
-            return []
-        return self._call("generate", list(prompts), list(params))
+    def sample(self, requests: Sequence[SampleRequest]) -> list[Sample]:
+        return self._call("sample", list(requests)) if requests else []
+
+    def span_logprobs(
+        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
+    ) -> list[SpanLogprobs]:
+        return self._call("span_logprobs", list(prompts), list(starts), read_cache) if prompts else []
 
     def reset_prefix_cache(self) -> None:
         self._call("reset_prefix_cache")

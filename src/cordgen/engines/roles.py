@@ -1,0 +1,188 @@
+"""Teachers and the scorer on any EngineModel: prompts, seeds and reading the results live
+here once, whether the engine runs in this process, in a worker or behind a URL.
+
+Prompts go to engines as token ids that we build ourselves, so the scorer knows exactly where
+the gold answer starts and every role counts tokens the way its engine does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from cordgen.config import Recipe, ScorerConfig, StepFormat, TeacherConfig
+from cordgen.engines import (
+    AnswerRequest,
+    AnswerScore,
+    EngineModel,
+    FinalAnswer,
+    FinishReason,
+    ProposeRequest,
+    Sample,
+    SampleRequest,
+    ScoreRequest,
+    StepCandidate,
+    derive_seed,
+)
+from cordgen.engines.pool import EnginePool
+from cordgen.errors import EngineError
+from cordgen.prompts import ChatPrompt
+
+
+def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> EngineScorer:
+    return EngineScorer(config, pool.model(config.engine), fmt)
+
+
+def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, EngineTeacher], EngineScorer]:
+    pool.load([role.engine for role in [*recipe.teachers, recipe.scorer]])
+    teachers = {
+        t.name: EngineTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
+    }
+    return teachers, build_scorer(recipe.scorer, recipe.format, pool)
+
+
+def finish_reason_of(sample: Sample, fmt: StepFormat) -> FinishReason:
+    if sample.truncated:
+        return FinishReason.LENGTH
+    if sample.stop_string == fmt.think_close:
+        return FinishReason.END_OF_THINKING
+    if sample.stop_string == fmt.marker:
+        return FinishReason.STEP
+    return FinishReason.EOS
+
+
+class EngineTeacher:
+    def __init__(self, config: TeacherConfig, model: EngineModel, fmt: StepFormat, seed: int = 0) -> None:
+        self.name = config.name
+        self.seed = seed
+        self.config = config
+        self.model = model
+        self.fmt = fmt
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def _request(self, ids: list[int], seed: int, max_tokens: int, stop: tuple[str, ...]) -> SampleRequest:
+        sampling = self.config.sampling
+        return SampleRequest(
+            prompt=ids,
+            max_tokens=max_tokens,
+            seed=seed,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            stop=stop,
+        )
+
+    def _seed(self, key: tuple[str | int, ...], sample: int) -> int:
+        return derive_seed(self.seed, self.name, *key, sample)
+
+    def _sample(
+        self,
+        prompts: Sequence[list[int]],
+        seed_keys: Sequence[tuple[str | int, ...]],
+        counts: Sequence[int],
+        stop: tuple[str, ...],
+        limit: int,
+    ) -> list[list[StepCandidate]]:
+        """n seeded samples per prompt in one engine call; a prompt with no room left in the
+        context window yields empty LENGTH samples instead of failing the whole batch."""
+        batch, slots = [], []
+        results: list[list[StepCandidate | None]] = [[None] * n for n in counts]
+        for i, (ids, key) in enumerate(zip(prompts, seed_keys)):
+            room = min(limit, self.model.max_model_len - len(ids))
+            for sample in range(len(results[i])):
+                if room <= 0:
+                    results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.LENGTH, sample)
+                    continue
+                batch.append(self._request(ids, self._seed(key, sample), room, stop))
+                slots.append((i, sample))
+        for (i, sample), drawn in zip(slots, self.model.sample(batch)):
+            results[i][sample] = StepCandidate(
+                teacher=self.name,
+                text=drawn.text,
+                num_tokens=drawn.num_tokens,
+                finish_reason=finish_reason_of(drawn, self.fmt),
+                sample=sample,
+            )
+        return [[c for c in row if c is not None] for row in results]
+
+    def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]:
+        """Every request's n samples of its next step, from one engine call."""
+        prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
+        stop = (self.fmt.marker, self.fmt.think_close)
+        keys, counts = [r.seed_key for r in requests], [r.n for r in requests]
+        return self._sample(prompts, keys, counts, stop, self.config.sampling.max_step_tokens)
+
+    def solve(self, requests: Sequence[ProposeRequest], max_tokens: int) -> list[list[StepCandidate]]:
+        """n whole traces (thinking and answer) per request, from one engine call: curation."""
+        prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
+        return self._sample(prompts, [r.seed_key for r in requests], [r.n for r in requests], (), max_tokens)
+
+    def answer(self, requests: Sequence[AnswerRequest]) -> list[FinalAnswer]:
+        """The text after `</think>` for each finished trajectory, from one engine call."""
+        prompts = [self.chat.answer_prompt_ids(r.question, r.steps) for r in requests]
+        keys = [("answer", *r.seed_key) for r in requests]
+        limit = self.config.sampling.max_answer_tokens
+        samples = self._sample(prompts, keys, [1] * len(requests), (), limit)
+        return [FinalAnswer(c.teacher, c.text, c.num_tokens, c.finish_reason) for (c,) in samples]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(self.chat.encode(text)) for text in texts]
+
+
+def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class EngineScorer:
+    """Predictive score of the gold answer from prompt logprobs (nothing sampled)."""
+
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
+        self.name = config.name
+        self.config = config
+        self.model = model
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def _prepare(self, request: ScoreRequest) -> tuple[list[int], int]:
+        context, answer = self.chat.scoring_ids(
+            request.question, request.steps, self.config.answer_suffix, request.answer
+        )
+        if not answer:
+            raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
+        ids = context + answer
+        if len(ids) + 1 > self.model.max_model_len:
+            raise EngineError(
+                f"scorer {self.name}: a {len(ids)}-token scoring prompt exceeds max_model_len "
+                f"{self.model.max_model_len}; raise max_model_len or lower the thinking budget"
+            )
+        return ids, len(context)
+
+    def _run(
+        self, prepared: list[tuple[list[int], int]], indices: Sequence[int], read_cache: bool
+    ) -> dict[int, AnswerScore | None]:
+        scores: dict[int, AnswerScore | None] = {}
+        for chunk in chunked(indices, self.config.max_requests_per_call):
+            prompts, starts = [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk]
+            for i, span in zip(chunk, self.model.span_logprobs(prompts, starts, read_cache)):
+                scores[i] = (
+                    None
+                    if span.logprobs is None
+                    else AnswerScore(
+                        answer_logprobs=span.logprobs,
+                        num_prompt_tokens=len(prepared[i][0]),
+                        num_cached_tokens=span.num_cached_tokens,
+                        rescored=not read_cache and self.config.reuse_prefix_cache,
+                    )
+                )
+        return scores
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]:
+        """Scores the batch with prefix-cache reads, then re-scores without them the few requests
+        whose cached prefix reached into the answer span."""
+        prepared = [self._prepare(r) for r in requests]
+        scores = self._run(prepared, range(len(prepared)), read_cache=self.config.reuse_prefix_cache)
+        untrusted = [i for i, s in scores.items() if s is None]
+        if untrusted and self.config.reuse_prefix_cache:
+            scores.update(self._run(prepared, untrusted, read_cache=False))
+        if any(scores[i] is None for i in range(len(prepared))):
+            raise EngineError(f"scorer {self.name}: the engine returned incomplete prompt logprobs")
+        return [scores[i] for i in range(len(prepared))]  # type: ignore[misc]
