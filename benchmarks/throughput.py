@@ -243,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool = EnginePool(recipe.placement.mode)
     try:
         synthesize_timed(problems[:2], recipe, pool)  # loads the engines and warms them up
-        report = {"device": device_name(), "config": str(args.config)}
+        shown = args.config.resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+        report = {"device": device_name(), "config": str(shown)}
         report["lockstep_vs_loop"] = lockstep_vs_loop(problems, recipe, pool, counts)
         console.print(report["lockstep_vs_loop"])
         report["prefix_cache"] = prefix_cache(problems, recipe, pool)
