@@ -188,8 +188,7 @@ class RunDirectory:
 
     def begin(self, recipe: Recipe, manifest: Manifest, overwrite: bool) -> None:
         """The first writes of a run: clears it if asked (scores of the old records included),
-        drops a torn last line, saves the
-        resolved recipe and the manifest."""
+        drops a torn last line, saves the resolved recipe and the manifest."""
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
             for name in (RESULTS, MANIFEST, CONFIG, SCORES):

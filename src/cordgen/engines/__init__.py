@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -147,6 +147,29 @@ class SpanLogprobs:
 
     logprobs: tuple[float, ...] | None
     num_cached_tokens: int
+
+
+def read_span(
+    prompt: list[int],
+    start: int,
+    cached: int,
+    positions: int | None,
+    logprob_at: Callable[[int, int], float | None],
+) -> SpanLogprobs:
+    """The span's logprobs, or None when any of them cannot be trusted: the engine returned
+    `positions` entries instead of one per prompt token, or a token's logprob is missing, or the
+    prefix cache reached into the span (vLLM returns placeholders, arbitrary token ids with
+    logprob 0.0, for every position up to and including `cached`: their logits were never
+    computed). `logprob_at(position, token)` reads one entry."""
+    if cached >= start or positions != len(prompt):
+        return SpanLogprobs(None, cached)
+    logprobs = []
+    for position in range(start, len(prompt)):
+        found = logprob_at(position, prompt[position])
+        if found is None:
+            return SpanLogprobs(None, cached)
+        logprobs.append(found)
+    return SpanLogprobs(tuple(logprobs), cached)
 
 
 class EngineModel(Protocol):

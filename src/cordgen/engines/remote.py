@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from cordgen.config import EngineSettings, RemoteEndpoint
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs, read_span
 from cordgen.errors import ConfigError, EngineError
 
 RETRIED_STATUS = {502, 503, 504}
@@ -191,15 +191,13 @@ class RemoteModel:
 
 
 def read_remote_span(body: dict[str, Any], start: int, prompt: list[int]) -> SpanLogprobs:
+    """Prompt logprobs as JSON: one entry per position, keyed by the token id as a string."""
     details = body.get("usage", {}).get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or 0)
     entries = body["choices"][0].get("prompt_logprobs")
-    if cached >= start or entries is None or len(entries) != len(prompt):
-        return SpanLogprobs(None, cached)
-    logprobs = []
-    for position in range(start, len(prompt)):
-        found = (entries[position] or {}).get(str(prompt[position]))
-        if found is None:
-            return SpanLogprobs(None, cached)
-        logprobs.append(float(found["logprob"]))
-    return SpanLogprobs(tuple(logprobs), cached)
+
+    def logprob_at(position: int, token: int) -> float | None:
+        found = (entries[position] or {}).get(str(token))
+        return None if found is None else float(found["logprob"])
+
+    positions = None if entries is None else len(entries)
+    return read_span(prompt, start, int(details.get("cached_tokens") or 0), positions, logprob_at)

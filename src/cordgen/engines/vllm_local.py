@@ -14,7 +14,7 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from cordgen.config import EngineSettings, resolve_model_source
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs, read_span
 
 
 def vllm_engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
@@ -43,24 +43,15 @@ def sampling_params(request: SampleRequest) -> SamplingParams:
     )
 
 
-def read_span_logprobs(output: Any, start: int, prompt: list[int]) -> tuple[float, ...] | None:
-    """The span's logprobs, or None when any of them cannot be trusted.
+def read_output_span(output: Any, start: int, prompt: list[int]) -> SpanLogprobs:
+    entries = output.prompt_logprobs
 
-    With prefix-cache reads on, vLLM returns placeholders (arbitrary token ids, logprob 0.0) for
-    every position up to and including `num_cached_tokens`: the logits there were never computed.
-    """
-    prompt_logprobs = output.prompt_logprobs
-    cached = output.num_cached_tokens or 0
-    if cached >= start or prompt_logprobs is None or len(prompt_logprobs) != len(prompt):
-        return None
-    logprobs = []
-    for position in range(start, len(prompt)):
-        entry = prompt_logprobs[position]
-        found = entry.get(prompt[position]) if entry else None
-        if found is None:
-            return None
-        logprobs.append(float(found.logprob))
-    return tuple(logprobs)
+    def logprob_at(position: int, token: int) -> float | None:
+        found = entries[position].get(token) if entries[position] else None
+        return None if found is None else float(found.logprob)
+
+    positions = None if entries is None else len(entries)
+    return read_span(prompt, start, output.num_cached_tokens or 0, positions, logprob_at)
 
 
 class VllmModel:
@@ -110,8 +101,7 @@ class VllmModel:
         )
         outputs = self._generate(prompts, [params] * len(prompts))
         return [
-            SpanLogprobs(read_span_logprobs(output, start, prompt), output.num_cached_tokens or 0)
-            for output, start, prompt in zip(outputs, starts, prompts)
+            read_output_span(output, start, prompt) for output, start, prompt in zip(outputs, starts, prompts)
         ]
 
     def reset_prefix_cache(self) -> None:
