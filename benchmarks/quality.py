@@ -28,14 +28,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent / "demo_models"))
 
 import task  # noqa: E402
+from report_files import RESULTS, ROOT, shown_path, write_report  # noqa: E402
 
 from cordgen.config import Recipe, load_recipe  # noqa: E402
 from cordgen.engines import AnswerScore, Scorer, ScoreRequest, derive_seed  # noqa: E402
 from cordgen.problems import Problem, load_problems  # noqa: E402
 from cordgen.records import TraceRecord  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -299,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
-    pool = EnginePool()
+    pool = EnginePool(base.placement.mode)
     try:
         started = time.perf_counter()
         for variant in chosen:
@@ -319,22 +317,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "group": variant.group,
                 "strategy": variant.strategy,
                 "scorer": variant.scorer,
-                "beam_width": variant_recipe(base, variant, 0, final_scorer).search.beam_width,
+                "beam_width": recipe.search.beam_width,
                 "mean": mean_over_seeds(runs),
                 "seeds": runs,
             }
     finally:
         pool.shutdown()
     report = {
-        "config": str(args.config),
+        "config": shown_path(args.config),
         "problems": len(problems),
         "seeds": seeds,
         "engine_load_s": round(load_s, 1),
         "variants": variants,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "quality.md").write_text(markdown(report))
+    write_report(args.out, "quality", report, markdown(report))
     console.print(markdown(report))
 
 

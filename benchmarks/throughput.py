@@ -18,7 +18,6 @@ real models. Results go to benchmarks/results/throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -26,13 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from report_files import RESULTS, ROOT, shown_path, write_report
+
 from cordgen.config import Recipe, load_recipe
 from cordgen.problems import Problem, load_problems
 from cordgen.records import TraceRecord
 from cordgen.synth import RoundReport
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass
@@ -243,9 +241,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pool = EnginePool(recipe.placement.mode)
     try:
         synthesize_timed(problems[:2], recipe, pool)  # loads the engines and warms them up
-        shown = args.config.resolve()
-        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-        report = {"device": device_name(), "config": str(shown)}
+        report = {"device": device_name(), "config": shown_path(args.config)}
         report["lockstep_vs_loop"] = lockstep_vs_loop(problems, recipe, pool, counts)
         console.print(report["lockstep_vs_loop"])
         report["prefix_cache"] = prefix_cache(problems, recipe, pool)
@@ -256,9 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         console.print(report["pipelining"])
     finally:
         pool.shutdown()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "throughput.md").write_text(markdown(report))
+    write_report(args.out, "throughput", report, markdown(report))
     console.print(markdown(report))
 
 
