@@ -9,6 +9,7 @@ head_dim is 64 because vLLM's CPU attention kernel rejects smaller heads.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+# The chat templates are the demo teachers' (ChatML, and one that opens <think> itself).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_models"))
+from tokenizers_and_templates import CHATML, THINK_OPENING  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -62,16 +67,6 @@ class TinySpec:
     chat_template: str
     seed: int
 
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# Opens thinking itself, as QwQ's and DeepSeek-R1's templates do.
-THINK_OPENING = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
-)
 
 SPECS = {
     "alpha": TinySpec("alpha", "llama", 420, ("<|im_end|>", "<|im_start|>", "<|pad|>"), CHATML, 1),
