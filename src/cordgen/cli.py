@@ -192,6 +192,12 @@ def export(
     include_unfinished: bool = typer.Option(
         False, "--include-unfinished", help="Keep traces whose thinking or answer never finished."
     ),
+    weights: str = typer.Option(
+        "none", "--weights", help="none | compat: every kept rationale, weighted by `cordgen compat`'s alpha."
+    ),
+    min_weight: float | None = typer.Option(
+        None, "--min-weight", help="With --weights compat: drop alpha below this."
+    ),
 ) -> None:
     """Write a run's traces as chat-format fine-tuning data, one example per line."""
     from cordgen.export import export_run
@@ -206,6 +212,8 @@ def export(
             system_prompt=system_prompt,
             think_tags=think_tags,
             include_unfinished=include_unfinished,
+            weights=weights,
+            min_weight=min_weight,
         )
     dropped = ", ".join(f"{reason} {count}" for reason, count in report.dropped.items())
     typer.echo(
@@ -270,6 +278,183 @@ def run_score(plan, batch_size: int, timeout: float, quiet: bool) -> None:
     scores = load_scores(plan.output.path) or {}
     console.print(score_summary(plan.traces, scores, computed, plan.synthesis_seconds))
     console.print(f"scores: {plan.output.path}")
+
+
+@app.command()
+def compat(
+    source: Path = typer.Argument(..., help="A run directory, or a JSONL with one response per line."),
+    student: str = typer.Option(..., "--student", help="The student model (local directory or hub id)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: beside the traces)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Recipe whose step format to use."),
+    pooling: str = typer.Option(
+        "last", help="Consensus embedding: last (token) | mean (over the rationale)."
+    ),
+    layer: int = typer.Option(-1, help="Hidden-state layer for consensus (-1: the final one)."),
+    epiphany_threshold: float = typer.Option(1.0, help="Gain in mean log p(gold) marking an epiphany step."),
+    betas: str = typer.Option("1,1,1", help="beta_C,beta_A,beta_D of the weights' softmax."),
+    answer_suffix: str = typer.Option("</think> The final answer is ", help="Text before the gold answer."),
+    dtype: str = typer.Option("auto", help="Student dtype: auto | float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own code."),
+    batch_tokens: int = typer.Option(8192, min=1, help="Packed tokens per student forward pass."),
+    batch_problems: int = typer.Option(512, min=1, help="Problems per measuring pass and per write."),
+    question_field: str = typer.Option("question", help="JSONL field of the question."),
+    answer_field: str = typer.Option("answer", help="JSONL field of the gold answer."),
+    response_field: str = typer.Option("response", help="JSONL field of the response text."),
+    messages_field: str = typer.Option("messages", help="JSONL field of a chat (last assistant turn)."),
+    id_field: str = typer.Option("id", help="JSONL field of the problem id (rows may share it)."),
+    teacher_field: str = typer.Option("teacher", help="JSONL field naming the response's teacher."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the output file over."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+) -> None:
+    """COMPACT: difficulty, adaptability, consensus and the weight alpha of every rationale, per
+    (problem, teacher), as the student sees them. Re-running resumes."""
+    from pydantic import ValidationError
+
+    from cordgen.compat import plan_compat
+    from cordgen.config import CompatConfig, StudentSettings, describe_validation_error
+    from cordgen.scoring import ForeignFields
+
+    fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
+    with user_errors():
+        try:
+            beta_c, beta_a, beta_d = parse_floats(betas, 3, "--betas")
+            settings = StudentSettings(
+                model=student, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+            compat_config = CompatConfig(
+                answer_suffix=answer_suffix,
+                pooling=pooling,
+                layer=layer,
+                epiphany_threshold=epiphany_threshold,
+                beta_consensus=beta_c,
+                beta_adaptability=beta_a,
+                beta_difficulty=beta_d,
+                max_batch_tokens=batch_tokens,
+            )
+        except ValidationError as error:
+            raise CordgenError(describe_validation_error(error)) from None
+        plan = plan_compat(source, settings, compat_config, out, fields, teacher_field, config, overwrite)
+    run_compat_pass(plan, batch_problems, quiet)
+
+
+def parse_floats(value: str, count: int, option: str) -> list[float]:
+    try:
+        numbers = [float(part) for part in value.split(",")]
+    except ValueError:
+        numbers = []
+    if len(numbers) != count:
+        raise CordgenError(f"{option}: expected {count} comma-separated numbers, got {value!r}")
+    return numbers
+
+
+def run_compat_pass(plan, batch_problems: int, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from cordgen.compat import load_compat, run_compat, teacher_summary
+    from cordgen.progress import compat_table
+    from cordgen.student import load_student, student_chat
+
+    console = Console(stderr=True, quiet=quiet)
+    if plan.todo:
+        model, tokenizer = load_student(plan.student)
+        chat = student_chat(tokenizer, plan.student, plan.fmt)
+        done = len(plan.problems) - len(plan.todo)
+        with Progress(console=console, disable=quiet) as progress:
+            task = progress.add_task("compat", total=len(plan.problems), completed=done)
+            run_compat(
+                plan, model, chat, lambda records: progress.advance(task, len(records)), batch_problems
+            )
+    records = load_compat(plan.output.path) or {}
+    console.print(compat_table(teacher_summary(list(records.values())), plan.student.model))
+    console.print(f"compat: {plan.output.path}")
+
+
+@app.command()
+def distill(
+    data: Path = typer.Argument(
+        ..., help="Exported JSONL (`cordgen export --weights compat` for compat weighting)."
+    ),
+    student: str = typer.Option(..., "--student", help="The student model (local directory or hub id)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for checkpoints and the trained student."),
+    weighting: str = typer.Option("compat", help="compat (loss x alpha) | uniform (plain SFT)."),
+    epochs: float = typer.Option(1.0, help="Passes over the data."),
+    max_steps: int = typer.Option(-1, help="Optimizer steps (-1: as many as --epochs take)."),
+    batch_size: int = typer.Option(8, help="Examples per device per step."),
+    gradient_accumulation: int = typer.Option(1, help="Batches per optimizer step."),
+    learning_rate: float = typer.Option(2e-5, "--lr", help="Peak learning rate."),
+    lr_scheduler: str = typer.Option("cosine", help="transformers scheduler name."),
+    warmup_ratio: float = typer.Option(0.03, help="Share of steps warming up."),
+    max_length: int = typer.Option(4096, help="Tokens per example (longer ones are cut)."),
+    mixed_precision: str = typer.Option("no", help="no | bf16 | fp16"),
+    lora_r: int = typer.Option(0, help="LoRA rank; 0 trains every weight."),
+    lora_alpha: int = typer.Option(32, help="LoRA alpha."),
+    recompute_every: int = typer.Option(
+        0, help="Recompute alpha from the current student every N steps (0: never)."
+    ),
+    save_steps: int = typer.Option(500, help="Checkpoint interval, for resuming."),
+    logging_steps: int = typer.Option(10, help="Steps between logged losses."),
+    seed: int = typer.Option(0, help="Data order and initialization seed."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Recipe whose step format to use."),
+    dtype: str = typer.Option("auto", help="Student dtype as loaded: auto | float32 | bfloat16 | float16."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model's own code."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Drop --out's checkpoints and start over."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune the student on exported traces, each example's loss scaled by its COMPACT weight.
+    Re-running resumes from the last checkpoint."""
+    from pydantic import ValidationError
+
+    from cordgen.config import (
+        DistillConfig,
+        LoraSettings,
+        StepFormat,
+        StudentSettings,
+        describe_validation_error,
+    )
+    from cordgen.config import load_recipe as read_recipe
+
+    with user_errors():
+        try:
+            settings = StudentSettings(
+                model=student, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+            )
+            distill_config = DistillConfig(
+                weighting=weighting,
+                epochs=epochs,
+                max_steps=max_steps,
+                batch_size=batch_size,
+                gradient_accumulation=gradient_accumulation,
+                learning_rate=learning_rate,
+                lr_scheduler=lr_scheduler,
+                warmup_ratio=warmup_ratio,
+                max_length=max_length,
+                mixed_precision=mixed_precision,
+                lora=LoraSettings(r=lora_r, alpha=lora_alpha) if lora_r else None,
+                recompute_every=recompute_every,
+                save_steps=save_steps,
+                logging_steps=logging_steps,
+                seed=seed,
+            )
+        except ValidationError as error:
+            raise CordgenError(describe_validation_error(error)) from None
+        from cordgen.config import resolve_model_source
+        from cordgen.distill import distill as run_distill
+
+        resolve_model_source(student)
+        fmt = read_recipe(config).format if config else StepFormat()
+        manifest = run_distill(data, out, settings, distill_config, fmt=fmt, overwrite=overwrite, quiet=quiet)
+    losses = manifest.losses
+    shown = (
+        f"loss {losses[0][1]:.4f} (step {losses[0][0]}) -> {losses[-1][1]:.4f} (step {losses[-1][0]})"
+        if losses
+        else ""
+    )
+    typer.echo(
+        f"distilled {manifest.examples} examples of {manifest.problems} problems; {shown} -> {out}", err=True
+    )
 
 
 def main() -> None:

@@ -119,6 +119,74 @@ class ChatSettings(StrictModel):
     )
 
 
+class StudentSettings(StrictModel):
+    """The student COMPACT measures and `cordgen distill` trains: a transformers model in this
+    process, because its hidden states and its in-training weights are needed, not just logprobs."""
+
+    model: str = Field(description="a local directory or a hub id")
+    tokenizer: str | None = Field(None, description="defaults to the model's own")
+    revision: str | None = None
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
+    trust_remote_code: bool = False
+    chat: ChatSettings = ChatSettings()
+
+
+class CompatConfig(StrictModel):
+    """COMPACT's metric choices. The paper's text gave only its framework figure; each detail it
+    leaves open is a setting here, with the default documented in the README."""
+
+    answer_suffix: str = "</think> The final answer is "
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="consensus embedding: the rationale's last token, or the mean over its tokens"
+    )
+    layer: int = Field(
+        -1, description="hidden-state layer for consensus: -1 the final (normed) one, 0 embeddings"
+    )
+    epiphany_threshold: float = Field(
+        1.0,
+        ge=0,
+        description="a step whose gain in mean log p(gold answer) exceeds this (nats) is an epiphany",
+    )
+    beta_consensus: float = 1.0
+    beta_adaptability: float = 1.0
+    beta_difficulty: float = 1.0
+    max_batch_tokens: int = Field(
+        8192, gt=0, description="packed tokens per student forward pass", json_schema_extra=THROUGHPUT
+    )
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class DistillConfig(StrictModel):
+    """`cordgen distill`: SFT of the student with each example's loss scaled by its weight."""
+
+    weighting: Literal["compat", "uniform"] = "compat"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1: as many as the epochs take")
+    batch_size: int = Field(8, gt=0, description="examples per device per step")
+    gradient_accumulation: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_length: int = Field(4096, gt=0, description="tokens per example; longer ones are cut at the end")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    lora: LoraSettings | None = None
+    recompute_every: int = Field(
+        0, ge=0, description="recompute alpha from the current student every N steps; 0: never"
+    )
+    save_steps: int = Field(
+        500, gt=0, description="checkpoint interval, for resuming", json_schema_extra=THROUGHPUT
+    )
+    logging_steps: int = Field(10, gt=0, json_schema_extra=THROUGHPUT)
+    seed: int = 0
+
+
 class SamplingSettings(StrictModel):
     temperature: float = Field(0.6, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)

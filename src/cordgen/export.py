@@ -21,10 +21,11 @@ from pydantic import BaseModel
 from cordgen.config import StepFormat, load_recipe
 from cordgen.errors import CordgenError
 from cordgen.prompts import render_steps
-from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.records import CompatRecord, ScoreRecord, TraceRecord, TrajectoryRecord
 from cordgen.store import CONFIG, RESULTS, SCORES, RunDirectory, load_scores
 
 ExportFormat = Literal["messages", "sharegpt"]
+Weights = Literal["none", "compat"]
 FORMATS: tuple[ExportFormat, ...] = ("messages", "sharegpt")
 
 
@@ -43,19 +44,19 @@ def step_format(run: RunDirectory) -> StepFormat:
     return load_recipe(path).format if path.exists() else StepFormat()
 
 
-def assistant_text(record: TraceRecord, fmt: StepFormat, think_tags: bool) -> str:
+def assistant_text(trajectory: TrajectoryRecord, fmt: StepFormat, think_tags: bool) -> str:
     """Steps verbatim, as the teachers wrote them; the answer loses the whitespace that joined it
     to the closing tag during generation. A trace without an answer ends with its thinking."""
-    thinking = render_steps(fmt, [step.text for step in record.result.steps])
-    final = record.result.final_answer
+    thinking = render_steps(fmt, [step.text for step in trajectory.steps])
+    final = trajectory.final_answer
     answer = final.text.strip() if final is not None else ""
     thinking = f"{fmt.think_open}\n{thinking}{fmt.think_close}" if think_tags else thinking.strip()
     return f"{thinking}\n\n{answer}" if answer else thinking
 
 
-def metadata(record: TraceRecord, scored: ScoreRecord | None) -> dict[str, Any]:
-    """Provenance and quality signals to filter or weight examples by after export."""
-    result = record.result
+def metadata(record: TraceRecord, result: TrajectoryRecord, scored: ScoreRecord | None) -> dict[str, Any]:
+    """Provenance and quality signals to filter or weight examples by after export; `scored`
+    belongs to the record's result, the only trajectory `cordgen score` reads."""
     if scored is None:
         step_scores = [step.score for step in result.steps]
         perplexity = result.steps[-1].perplexity if result.steps else None  # 1 / the result's score
@@ -86,9 +87,12 @@ class Filters:
     max_perplexity: float | None
     include_unfinished: bool
 
-    def reason(self, record: TraceRecord, scored: ScoreRecord | None, meta: dict[str, Any]) -> str | None:
+    min_weight: float | None = None
+
+    def reason(
+        self, result: TrajectoryRecord, scored: ScoreRecord | None, meta: dict[str, Any]
+    ) -> str | None:
         """Why a trace stays out, the first reason that applies; None keeps it."""
-        result = record.result
         if not self.include_unfinished and (result.final_answer is None or not result.finished):
             return "unfinished"
         if self.only_correct and scored is None:
@@ -98,6 +102,10 @@ class Filters:
         limit, perplexity = self.max_perplexity, meta["perplexity"]
         if limit is not None and (perplexity is None or perplexity > limit):
             return f"perplexity above {limit:g}"
+        if "weight" in meta and meta["weight"] is None:
+            return "not measured by compat"
+        if self.min_weight is not None and "weight" in meta and meta["weight"] < self.min_weight:
+            return f"weight below {self.min_weight:g}"
         return None
 
 
@@ -144,8 +152,12 @@ def export_run(
     system_prompt: str | None = None,
     think_tags: bool = True,
     include_unfinished: bool = False,
+    weights: Weights = "none",
+    min_weight: float | None = None,
 ) -> ExportReport:
-    """Writes one training example per kept trace to `out`, all of them or, on any error, nothing."""
+    """Writes one training example per kept trace to `out`, all of them or, on any error, nothing.
+    With `weights="compat"` every rationale the run kept (its result and its alternatives) is an
+    example, weighted by the alpha `cordgen compat` gave it."""
     run, out = RunDirectory(run_dir), Path(out)
     if format not in FORMATS:
         raise CordgenError(f"--format: {format!r} is not one of: {', '.join(FORMATS)}")
@@ -156,18 +168,49 @@ def export_run(
         raise CordgenError(
             f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
         )
+    compat = compat_alphas(run, weights, min_weight)
     check_target(run, out)
-    fmt, filters = step_format(run), Filters(only_correct, max_perplexity, include_unfinished)
+    fmt = step_format(run)
+    filters = Filters(only_correct, max_perplexity, include_unfinished, min_weight)
     report = ExportReport(kept=0, dropped={})
     with atomic_output(out) as handle:
         for record in run.records():
             scored = scores.get(record.id) if scores is not None else None
-            meta = metadata(record, scored)
-            reason = filters.reason(record, scored, meta)
-            if reason is not None:
-                report.dropped[reason] = report.dropped.get(reason, 0) + 1
-                continue
-            text = assistant_text(record, fmt, think_tags)
-            handle.write(orjson.dumps(example(record.question, text, meta, format, system_prompt)) + b"\n")
-            report.kept += 1
+            for source, trajectory in exported(record, compat is not None):
+                meta = metadata(record, trajectory, scored if source == 0 else None)
+                if compat is not None:
+                    meta["rationale"] = source
+                    meta["weight"] = compat.get((record.id, source))
+                reason = filters.reason(trajectory, scored if source == 0 else None, meta)
+                if reason is not None:
+                    report.dropped[reason] = report.dropped.get(reason, 0) + 1
+                    continue
+                text = assistant_text(trajectory, fmt, think_tags)
+                handle.write(
+                    orjson.dumps(example(record.question, text, meta, format, system_prompt)) + b"\n"
+                )
+                report.kept += 1
     return report
+
+
+def exported(record: TraceRecord, every_rationale: bool) -> list[tuple[int, TrajectoryRecord]]:
+    """(source, trajectory) pairs, numbered as `cordgen compat` numbers them."""
+    return list(enumerate([record.result, *record.alternatives])) if every_rationale else [(0, record.result)]
+
+
+def compat_alphas(
+    run: RunDirectory, weights: Weights, min_weight: float | None
+) -> dict[tuple[str, int], float] | None:
+    """alpha by (problem id, source) from the run's compat.jsonl, or None when not weighting."""
+    from cordgen.compat import COMPAT, load_compat
+
+    if weights not in ("none", "compat"):
+        raise CordgenError(f"--weights: {weights!r} is not one of: none, compat")
+    if weights == "none":
+        if min_weight is not None:
+            raise CordgenError("--min-weight: needs --weights compat")
+        return None
+    records: dict[str, CompatRecord] | None = load_compat(run.path / COMPAT)
+    if records is None:
+        raise CordgenError(f"{run.path}: no {COMPAT}; run `cordgen compat {run.path} --student MODEL` first")
+    return {(r.id, rationale.source): rationale.alpha for r in records.values() for rationale in r.rationales}

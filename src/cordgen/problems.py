@@ -31,9 +31,11 @@ def problem_rows(
     id_field: str = "id",
     question_field: str = "question",
     answer_field: str = "answer",
-) -> Iterator[tuple[Problem, dict[str, Any]]]:
-    """Each problem with its raw row, so fields of other tools (a response to score) ride along.
-    A row without an id is named by its line number."""
+    unique_ids: bool = True,
+) -> Iterator[tuple[Problem, dict[str, Any], int]]:
+    """Each problem with its raw row and line number, so fields of other tools (a response to
+    score) ride along. A row without an id is named by its line number; `unique_ids=False` lets
+    several rows (several responses to one problem) share an id."""
     path = Path(path)
     first_line: dict[str, int] = {}
     for line_no, row in _rows(path):
@@ -43,17 +45,17 @@ def problem_rows(
             question=_question(row, question_field, where),
             answer=_answer(row, answer_field, where),
         )
-        if problem.id in first_line:
+        if unique_ids and problem.id in first_line:
             raise CordgenError(
                 f"{where}: {id_field}: duplicate id {problem.id!r} (first on line {first_line[problem.id]})"
             )
-        first_line[problem.id] = line_no
-        yield problem, row
+        first_line.setdefault(problem.id, line_no)
+        yield problem, row, line_no
 
 
 def load_problems(path: str | Path, **fields: str) -> list[Problem]:
     """All problems of the file, in file order."""
-    problems = [problem for problem, _ in problem_rows(path, **fields)]
+    problems = [problem for problem, _, _ in problem_rows(path, **fields)]
     if not problems:
         raise CordgenError(f"{path}: no problems in input")
     return problems

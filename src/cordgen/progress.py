@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cordgen.compat import TeacherSummary
 from cordgen.records import ScoreRecord, TraceRecord
 from cordgen.scoring import Trace, percentile
 from cordgen.synth import RoundReport
@@ -140,4 +141,36 @@ def score_summary(
     if synthesis_seconds is not None:
         table.add_row("synthesis wall time", f"{synthesis_seconds:.1f} s")
     table.add_row("scorer tokens computed (this pass)", f"{computed_tokens:,}")
+    return table
+
+
+def compat_table(summaries: Sequence[TeacherSummary], student: str) -> Table:
+    """Per teacher: how much weight its rationales earn with this student, and why."""
+
+    def shown(value: float | None, form: str = ".3f") -> str:
+        return "-" if value is None else format(value, form)
+
+    table = Table(title=f"compatibility with {student}")
+    for column in (
+        "teacher",
+        "rationales",
+        "mean alpha",
+        "difficulty D",
+        "adaptability A",
+        "steps",
+        "step NLL",
+    ):
+        table.add_column(column, justify="left" if column == "teacher" else "right")
+    table.add_column("epiphany steps", justify="right")
+    for s in summaries:
+        table.add_row(
+            s.teacher,
+            str(s.rationales),
+            shown(s.mean_alpha),
+            shown(s.mean_difficulty),
+            shown(s.mean_adaptability),
+            str(s.steps),
+            shown(s.mean_step_nll),
+            shown(s.epiphany_rate, ".1%"),
+        )
     return table

@@ -145,3 +145,37 @@ class ScoreRecord(RecordModel):
 
     def to_json_line(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json")) + b"\n"
+
+
+class StepCompat(RecordModel):
+    index: int = Field(ge=1)
+    teacher: str  # the step's author from provenance; "" when the source does not say
+    num_tokens: int  # in the student's tokenizer, step header included
+    nll: float  # the student's mean token NLL of the step
+    gain: float  # I_t - I_{t-1}: the step's change to the student's mean log p(gold answer)
+    epiphany: bool  # gain above the epiphany threshold
+
+
+class RationaleCompat(RecordModel):
+    source: int  # in a run: 0 its result, k its k-th alternative; in a JSONL: the line number
+    teacher: str  # the author; a stitched trace's authors joined by "+"
+    difficulty: float  # D: the student's mean token NLL of the rationale
+    adaptability: float  # A: the sum of the positive gains
+    consensus: float  # C: weighted degree in the cosine-similarity graph of the problem's rationales
+    alpha: float  # the weight; a problem's alphas sum to 1
+    answer_logprobs: list[float]  # I_0..I_T
+    epiphany_steps: list[int]
+    steps: list[StepCompat]
+
+
+class CompatRecord(RecordModel):
+    """One line of `compat.jsonl`, written by `cordgen compat`: a problem's rationales as its
+    student sees them."""
+
+    id: str
+    student: str
+    settings: str  # digest of everything that decides the numbers: a resumed pass must match it
+    rationales: list[RationaleCompat]
+
+    def to_json_line(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json")) + b"\n"

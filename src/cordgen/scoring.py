@@ -90,7 +90,7 @@ def assistant_text(row: dict[str, Any], fields: ForeignFields, where: str) -> st
 
 def foreign_traces(path: Path, fields: ForeignFields, fmt: StepFormat) -> Iterator[Trace]:
     rows = problem_rows(path, id_field=fields.id, question_field=fields.question, answer_field=fields.answer)
-    for problem, row in rows:
+    for problem, row, _ in rows:
         steps, response = split_response(fmt, assistant_text(row, fields, f"{path}: id {problem.id}"))
         yield Trace(problem.id, problem.question, problem.answer, steps, response)
 

@@ -87,8 +87,17 @@ class Run:
     should_stop: Callable[[], bool] = lambda: False
 
     def record(
-        self, problem: Problem, result: Beam, alternatives: Sequence[Beam], answer: FinalAnswer, usage: Usage
+        self,
+        problem: Problem,
+        result: Beam,
+        alternatives: Sequence[Beam],
+        answer: FinalAnswer,
+        usage: Usage,
+        alternative_answers: Sequence[FinalAnswer | None] = (),
     ) -> TraceRecord:
+        """`alternative_answers`, where known (curation's whole traces bring their own), make the
+        alternatives complete examples too, e.g. for COMPACT's per-teacher weighting."""
+        answers = list(alternative_answers) or [None] * len(alternatives)
         return TraceRecord(
             id=problem.id,
             question=problem.question,
@@ -96,7 +105,7 @@ class Run:
             strategy=self.recipe.search.strategy,
             teachers=list(self.teachers),
             result=trajectory_record(result, answer),
-            alternatives=[trajectory_record(b) for b in alternatives],
+            alternatives=[trajectory_record(b, a) for b, a in zip(alternatives, answers)],
             usage=usage,
             cordgen_version=__version__,
         )
@@ -388,11 +397,11 @@ def finish_curated(
     unanswered: dict[str, list[Problem]] = {}
     for p in problems:
         beam, trace = chosen[p.id][0]
-        if trace.answer_text is None:
+        answer = own_answer(run, trace)
+        if answer is None:
             unanswered.setdefault(trace.teacher, []).append(p)
         else:
-            (tokens,) = run.teachers[trace.teacher].count_tokens([trace.answer_text])
-            answers[p.id] = FinalAnswer(trace.teacher, trace.answer_text, tokens, trace.sample.finish_reason)
+            answers[p.id] = answer
     for name, group in unanswered.items():
         requests = [AnswerRequest(p.question, chosen[p.id][0][0].texts, (p.id,)) for p in group]
         started = time.perf_counter()
@@ -401,12 +410,21 @@ def finish_curated(
             usage[p.id].add_generated(name, answer.num_tokens)
         report.teacher_timed(name, started)
         report.engine_timed(started)
-    run.sink(
-        [
-            run.record(p, chosen[p.id][0][0], [b for b, _ in chosen[p.id][1:]], answers[p.id], usage[p.id])
-            for p in problems
-        ]
-    )
+    records = []
+    for p in problems:
+        alternatives = chosen[p.id][1:]
+        own = [own_answer(run, trace) for _, trace in alternatives]
+        records.append(
+            run.record(p, chosen[p.id][0][0], [b for b, _ in alternatives], answers[p.id], usage[p.id], own)
+        )
+    run.sink(records)
+
+
+def own_answer(run: Run, trace: WholeTrace) -> FinalAnswer | None:
+    if trace.answer_text is None:
+        return None
+    (tokens,) = run.teachers[trace.teacher].count_tokens([trace.answer_text])
+    return FinalAnswer(trace.teacher, trace.answer_text, tokens, trace.sample.finish_reason)
 
 
 class Interrupted(Exception):
