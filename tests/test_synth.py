@@ -177,6 +177,10 @@ def test_curation_keeps_the_best_whole_trace(recipe, engine_pool, inputs):
         assert scores[0] == max(scores)
         assert record.result.steps[-1].score == record.result.score
         assert all(s.score is None for s in record.result.steps[:-1])
+        closed = [t for t in record.alternatives if t.closed_by == "end_of_thinking"]
+        assert all(
+            t.final_answer is not None and t.final_answer.teacher == t.steps[0].teacher for t in closed
+        )
 
 
 def test_cli_synth_writes_one_valid_record_per_problem(tiny_model_dirs, inputs, tmp_path):
