@@ -113,6 +113,36 @@ def test_distill_lowers_the_loss_and_resumes_as_done(data, tmp_path):
     weights = (out / "model.safetensors").read_bytes()
     again = distill(data, out, STUDENT, DistillConfig(weighting="compat", **FEW_STEPS), quiet=True)
     assert again == manifest and (out / "model.safetensors").read_bytes() == weights
+    args = [
+        "distill",
+        str(data),
+        "--student",
+        DEMO_STUDENT,
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    args += [
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--logging-steps",
+        "3",
+        "--save-steps",
+        "6",
+    ]
+    result = CliRunner().invoke(app, [*args, "--warmup-ratio", "0", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (
+        "distilled 24 examples of 12 problems" in result.output
+        and (out / "model.safetensors").read_bytes() == weights
+    )
     with pytest.raises(CordgenError, match="other data or settings"):
         distill(data, out, STUDENT, DistillConfig(weighting="uniform", **FEW_STEPS), quiet=True)
 

@@ -307,9 +307,13 @@ def load_compat(path: Path) -> dict[str, CompatRecord] | None:
     return {row["id"]: CompatRecord.model_validate(row) for row in JsonlLog(path).rows()}
 
 
+STITCHED = "(stitched)"  # the row of rationales written by several teachers
+
+
 class TeacherSummary(BaseModel):
-    """Which teacher suits this student: rationale-level means, and step-level ones read through
-    provenance, so a stitched CoRD trace credits each of its authors with their own steps."""
+    """Which teacher suits this student: rationale-level means over the rationales it wrote alone
+    (stitched ones share one row), and step-level ones read through provenance, so a stitched CoRD
+    trace credits each of its authors with their own steps."""
 
     teacher: str
     rationales: int
@@ -330,11 +334,12 @@ def teacher_summary(records: Sequence[CompatRecord]) -> list[TeacherSummary]:
     by_step: dict[str, list[StepCompat]] = {}
     for record in records:
         for rationale in record.rationales:
-            by_rationale.setdefault(rationale.teacher, []).append(rationale)
+            label = STITCHED if "+" in rationale.teacher else rationale.teacher
+            by_rationale.setdefault(label, []).append(rationale)
             for step in rationale.steps:
                 by_step.setdefault(step.teacher or "unknown", []).append(step)
     summaries = []
-    for teacher in sorted(by_rationale.keys() | by_step.keys()):
+    for teacher in sorted(by_rationale.keys() | by_step.keys(), key=lambda name: (name == STITCHED, name)):
         rs, ss = by_rationale.get(teacher, []), by_step.get(teacher, [])
         summaries.append(
             TeacherSummary(

@@ -150,18 +150,14 @@ def compat_table(summaries: Sequence[TeacherSummary], student: str) -> Table:
     def shown(value: float | None, form: str = ".3f") -> str:
         return "-" if value is None else format(value, form)
 
-    table = Table(title=f"compatibility with {student}")
-    for column in (
-        "teacher",
-        "rationales",
-        "mean alpha",
-        "difficulty D",
-        "adaptability A",
-        "steps",
-        "step NLL",
-    ):
-        table.add_column(column, justify="left" if column == "teacher" else "right")
-    table.add_column("epiphany steps", justify="right")
+    table = Table(
+        title=f"compatibility with {student}",
+        caption="alpha, D (difficulty), A (adaptability): means over rationales; "
+        "step NLL and epiphany share: over the teacher's steps",
+    )
+    table.add_column("teacher", no_wrap=True)
+    for column in ("traces", "alpha", "D", "A", "steps", "step NLL", "epiphany"):
+        table.add_column(column, justify="right")
     for s in summaries:
         table.add_row(
             s.teacher,
