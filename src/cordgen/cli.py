@@ -36,6 +36,19 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(USAGE_ERROR) from None
 
 
+@contextmanager
+def option_errors() -> Iterator[None]:
+    """Options that fail a settings model's validation, as a user error naming the field."""
+    from pydantic import ValidationError
+
+    from cordgen.config import describe_validation_error
+
+    try:
+        yield
+    except ValidationError as error:
+        raise CordgenError(describe_validation_error(error)) from None
+
+
 def _print_version(value: bool) -> None:
     if value:
         typer.echo(f"cordgen {__version__}")
@@ -309,15 +322,13 @@ def compat(
 ) -> None:
     """COMPACT: difficulty, adaptability, consensus and the weight alpha of every rationale, per
     (problem, teacher), as the student sees them. Re-running resumes."""
-    from pydantic import ValidationError
-
     from cordgen.compat import plan_compat
-    from cordgen.config import CompatConfig, StudentSettings, describe_validation_error
+    from cordgen.config import CompatConfig, StudentSettings
     from cordgen.scoring import ForeignFields
 
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
     with user_errors():
-        try:
+        with option_errors():
             beta_c, beta_a, beta_d = parse_floats(betas, 3, "--betas")
             settings = StudentSettings(
                 model=student, dtype=dtype, device=device, trust_remote_code=trust_remote_code
@@ -332,8 +343,6 @@ def compat(
                 beta_difficulty=beta_d,
                 max_batch_tokens=batch_tokens,
             )
-        except ValidationError as error:
-            raise CordgenError(describe_validation_error(error)) from None
         plan = plan_compat(source, settings, compat_config, out, fields, teacher_field, config, overwrite)
     run_compat_pass(plan, batch_problems, quiet)
 
@@ -405,19 +414,12 @@ def distill(
 ) -> None:
     """Fine-tune the student on exported traces, each example's loss scaled by its COMPACT weight.
     Re-running resumes from the last checkpoint."""
-    from pydantic import ValidationError
-
-    from cordgen.config import (
-        DistillConfig,
-        LoraSettings,
-        StepFormat,
-        StudentSettings,
-        describe_validation_error,
-    )
+    from cordgen.config import DistillConfig, LoraSettings, StepFormat, StudentSettings, resolve_model_source
     from cordgen.config import load_recipe as read_recipe
+    from cordgen.distill import distill as run_distill
 
     with user_errors():
-        try:
+        with option_errors():
             settings = StudentSettings(
                 model=student, dtype=dtype, device=device, trust_remote_code=trust_remote_code
             )
@@ -438,11 +440,6 @@ def distill(
                 logging_steps=logging_steps,
                 seed=seed,
             )
-        except ValidationError as error:
-            raise CordgenError(describe_validation_error(error)) from None
-        from cordgen.config import resolve_model_source
-        from cordgen.distill import distill as run_distill
-
         resolve_model_source(student)
         fmt = read_recipe(config).format if config else StepFormat()
         manifest = run_distill(data, out, settings, distill_config, fmt=fmt, overwrite=overwrite, quiet=quiet)

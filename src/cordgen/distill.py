@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from cordgen.compat import Rationale, measure_problems
 from cordgen.config import CompatConfig, DistillConfig, StepFormat, StudentSettings, semantic_view
 from cordgen.errors import CordgenError
+from cordgen.problems import json_rows
 from cordgen.prompts import ChatPrompt, think_opener
 from cordgen.scoring import split_response
 from cordgen.store import write_atomically
@@ -56,19 +57,9 @@ def chat_turns(row: dict[str, Any], where: str) -> tuple[str, str]:
 
 
 def read_examples(path: Path) -> list[DistillExample]:
-    if not path.is_file():
-        raise CordgenError(f"{path}: file not found")
     examples = []
-    for line_no, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, row in json_rows(path):
         where = f"{path}:{line_no}"
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise CordgenError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise CordgenError(f"{where}: expected a JSON object")
         question, response = chat_turns(row, where)
         meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
         weight = meta.get("weight")

@@ -38,7 +38,7 @@ def problem_rows(
     several rows (several responses to one problem) share an id."""
     path = Path(path)
     first_line: dict[str, int] = {}
-    for line_no, row in _rows(path):
+    for line_no, row in json_rows(path):
         where = f"{path}:{line_no}"
         problem = Problem(
             id=_id(row, id_field, line_no, where),
@@ -68,7 +68,7 @@ def shard_of(problem_id: str, num_shards: int) -> int:
     return int.from_bytes(digest, "big") % num_shards
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Each non-blank line as a JSON object, with its 1-based physical line number."""
     if path.is_dir():
         raise CordgenError(f"{path}: input path is a directory, not a JSONL file")
