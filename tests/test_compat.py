@@ -37,7 +37,9 @@ from cordgen.student import (
 )
 from tests.test_export import make_run, read_rows, two_step_record
 
-DEMO_STUDENT = str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_models" / "weights" / "clean")
+DEMO_STUDENT = str(
+    Path(__file__).resolve().parents[1] / "benchmarks" / "demo_models" / "weights" / "scorer-final"
+)
 QUESTION = "Start with 95. Add 40, subtract 26, multiply by 3."
 STEPS = (" 95 + 40 = 135\n", " 135 - 26 = 109\n", " 109 * 3 = 327\n")
 SUFFIX = CompatConfig().answer_suffix
@@ -146,8 +148,10 @@ def test_the_step_that_reaches_the_answer_is_an_epiphany(student):
         pooling="last",
         max_batch_tokens=4096,
     )
-    assert epiphany_steps(m.answer_logprob, threshold=1.0) == [3]
-    assert adaptability(m.answer_logprob) >= m.answer_logprob[3] - m.answer_logprob[2] > 1.0
+    gains = [b - a for a, b in zip(m.answer_logprob, m.answer_logprob[1:])]
+    assert max(range(4), key=gains.__getitem__) == 2 and gains[2] > 5.0 and abs(gains[3]) < 1.0
+    assert epiphany_steps(m.answer_logprob, threshold=5.0) == [3]
+    assert adaptability(m.answer_logprob) >= gains[2]
 
 
 def test_an_off_topic_rationale_has_the_lowest_consensus(student):
