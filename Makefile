@@ -7,6 +7,7 @@ PIP_ARGS ?=
 PYTEST_ARGS ?=
 QUALITY_ARGS ?=
 THROUGHPUT_ARGS ?=
+COMPACT_ARGS ?=
 CORDGEN_DEVICE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
 DEMO_RUN ?= runs/demo
 CORDGEN := $(VENV)/bin/cordgen
 
-.PHONY: install test demo quality throughput clean
+.PHONY: install test demo quality throughput compact clean
 
 install: $(STAMP)
 
@@ -45,6 +46,10 @@ quality: install
 # Lockstep vs per-problem loop, prefix-cache reuse, CoRD vs curation, time outside engine calls.
 throughput: install
 	$(VENV)/bin/python benchmarks/throughput.py $(THROUGHPUT_ARGS)
+
+# COMPACT-weighted distillation vs uniform weighting vs the best single teacher, from one weak student.
+compact: install
+	$(VENV)/bin/python benchmarks/compact.py $(COMPACT_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
