@@ -111,7 +111,7 @@ def test_a_dead_worker_stops_the_run_with_its_name_and_the_rerun_resumes(tiny_mo
             killed.extend([len(records), beta.process.pid])
 
     try:
-        with pytest.raises(EngineError, match=r"engine worker for .*beta.* died during sample"):
+        with pytest.raises(EngineError, match=r"engine for .*beta.* died during sample"):
             execute(plan_run(recipe), NoObserver(), kill_beta_after_first_records, pool=pool)
     finally:
         pool.shutdown()

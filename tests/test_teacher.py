@@ -99,12 +99,13 @@ def test_teachers_with_different_tokenizers_continue_the_same_trajectory(alpha_m
 def test_a_batch_larger_than_one_scheduler_step_samples_every_seeded_request(alpha_model, problems):
     """vLLM's CPU runner crashed when a seeded prompt was split over two steps; the engine turns
     chunked prefill off on CPU, so such a batch must come back whole."""
+    from cordgen.engines.vllm_local import vllm_engine_kwargs
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        assert alpha_model.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+        assert vllm_engine_kwargs(alpha_model.settings)["enable_chunked_prefill"] is False
     teacher = make_teacher(alpha_model, temperature=1.0, max_step_tokens=4)
-    budget = alpha_model.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    budget = 8192  # above vLLM's tokens per scheduler step here (max(max_model_len, 2048))
     prompt_tokens = len(teacher.chat.step_prompt_ids(problems[0].question, problems[0].steps))
     count = 2 * budget // prompt_tokens + 1
     requests = [

@@ -12,28 +12,43 @@ import typer
 import yaml
 
 from cordgen import __version__
-from cordgen.errors import CordgenError
+from cordgen.errors import INTERRUPTED, RUN_FAILED, CordgenError
 
 app = typer.Typer(
     name="cordgen",
     help="Synthesize long chain-of-thought data by collaborative step-wise multi-teacher decoding.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
-USAGE_ERROR = 2
 state = {"debug": False}
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """A user's mistake ends as one line on stderr and exit status 2; --debug shows the traceback."""
+def one_line_errors() -> Iterator[None]:
+    """Any failure ends as one `error:` line on stderr: a mistake in the input, recipe or command
+    line with status 2, a failed engine or run with status 3 (an unexpected error too), Ctrl-C
+    with 130. `--debug` shows the traceback instead."""
     try:
         yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        if state["debug"]:
+            raise
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(INTERRUPTED) from None
     except CordgenError as error:
         if state["debug"]:
             raise
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(USAGE_ERROR) from None
+        raise typer.Exit(error.exit_status) from None
+    except Exception as error:
+        if state["debug"]:
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        typer.echo(f"error: {type(error).__name__}: {first_line} (--debug shows the traceback)", err=True)
+        raise typer.Exit(RUN_FAILED) from None
 
 
 @contextmanager
@@ -64,7 +79,8 @@ def root(
 ) -> None:
     """CoRD: teachers propose steps, a scorer ranks them, beam search keeps the best."""
     state["debug"] = debug
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if debug else "WARNING")
+    if debug:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG")
 
 
 @app.command()
@@ -74,7 +90,7 @@ def recipe(
     """Validate a recipe and print it with every default filled in."""
     from cordgen.config import load_recipe
 
-    with user_errors():
+    with one_line_errors():
         resolved = load_recipe(path)
     yaml.safe_dump(resolved.model_dump(mode="json"), sys.stdout, sort_keys=False)
 
@@ -106,11 +122,15 @@ def synth(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the run directory over."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Stream the engines' logs here instead of RUN/engines.log."
+    ),
 ) -> None:
     """Synthesize step-wise multi-teacher reasoning traces for every problem of the input.
 
     Re-running the same command resumes: finished problems are kept and skipped."""
     from cordgen.config import resolve_recipe
+    from cordgen.engines.placement import fit_recipe_to_host
     from cordgen.problems import parse_shard
 
     overrides = dict(
@@ -123,8 +143,8 @@ def synth(
         strategy=strategy,
         seed=seed,
     )
-    with user_errors():
-        resolved = resolve_recipe(config, overrides)
+    with one_line_errors():
+        resolved = fit_recipe_to_host(resolve_recipe(config, overrides))
         chosen_shard = parse_shard(shard) if shard is not None else None
         if dry_run:
             yaml.safe_dump(resolved.model_dump(mode="json"), sys.stdout, sort_keys=False)
@@ -132,16 +152,18 @@ def synth(
         from cordgen.synth import plan_run
 
         plan = plan_run(resolved, chosen_shard, overwrite)
-    run_synth(plan, quiet)
+        run_synth(plan, quiet, verbose)
 
 
-def run_synth(plan, quiet: bool) -> None:
+def run_synth(plan, quiet: bool, verbose: bool) -> None:
     from rich.console import Console
 
     from cordgen.progress import RecordTally, RichProgress
     from cordgen.synth import GracefulStop, Interrupted, NoObserver, execute
 
     console = Console(stderr=True, quiet=quiet)
+    for note in plan.notes:
+        console.print(note, highlight=False)
     if not plan.todo:
         console.print(f"all {len(plan.problems)} problems are already in {plan.run_dir.results_path}")
         return
@@ -149,16 +171,16 @@ def run_synth(plan, quiet: bool) -> None:
     try:
         with GracefulStop(lambda message: typer.echo(message, err=True)) as stop:
             if quiet:
-                execute(plan, NoObserver(), tally, stop)
+                execute(plan, NoObserver(), tally, stop, engine_log=not verbose)
             else:
                 with RichProgress(
                     console, len(plan.problems), len(plan.problems) - len(plan.todo)
                 ) as progress:
-                    execute(plan, progress, tally, stop)
+                    execute(plan, progress, tally, stop, engine_log=not verbose)
     except Interrupted:
         again = "the same command without --overwrite" if plan.overwrite else "the same command"
         typer.echo(f"interrupted; re-run {again} to resume ({plan.run_dir.path})", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(INTERRUPTED) from None
     console.print(tally.table())
     console.print(f"results: {plan.run_dir.results_path}")
 
@@ -172,7 +194,7 @@ def merge(
     """Union shard runs of one config and input into one run directory."""
     from cordgen.store import merge_runs
 
-    with user_errors():
+    with one_line_errors():
         report = merge_runs(runs, out, overwrite)
     typer.echo(
         f"merged {report.sources} runs: {report.problems} problems, {report.duplicates} duplicates dropped, "
@@ -215,7 +237,7 @@ def export(
     """Write a run's traces as chat-format fine-tuning data, one example per line."""
     from cordgen.export import export_run
 
-    with user_errors():
+    with one_line_errors():
         report = export_run(
             run,
             jsonl,
@@ -257,6 +279,9 @@ def score(
     timeout: float = typer.Option(5.0, min=0.1, help="Seconds math-verify may spend on one answer."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start the scores file over."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display or summary."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Stream the scorer engine's log here instead of its log file."
+    ),
 ) -> None:
     """Per-step predictive perplexity and final-answer correctness (math-verify) for every trace.
 
@@ -264,12 +289,12 @@ def score(
     from cordgen.scoring import ForeignFields, plan_scoring
 
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
-    with user_errors():
+    with one_line_errors():
         plan = plan_scoring(source, out, scorer, config, fields, overwrite)
-    run_score(plan, batch_size, timeout, quiet)
+        run_score(plan, batch_size, timeout, quiet, verbose)
 
 
-def run_score(plan, batch_size: int, timeout: float, quiet: bool) -> None:
+def run_score(plan, batch_size: int, timeout: float, quiet: bool, verbose: bool) -> None:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -287,7 +312,7 @@ def run_score(plan, batch_size: int, timeout: float, quiet: bool) -> None:
             computed += tokens
             progress.advance(task, len(records))
 
-        execute_scoring(plan, advance, batch_size, timeout)
+        execute_scoring(plan, advance, batch_size, timeout, engine_log=not verbose)
     scores = load_scores(plan.output.path) or {}
     console.print(score_summary(plan.traces, scores, computed, plan.synthesis_seconds))
     console.print(f"scores: {plan.output.path}")
@@ -327,7 +352,7 @@ def compat(
     from cordgen.scoring import ForeignFields
 
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
-    with user_errors():
+    with one_line_errors():
         with option_errors():
             beta_c, beta_a, beta_d = parse_floats(betas, 3, "--betas")
             settings = StudentSettings(
@@ -344,7 +369,7 @@ def compat(
                 max_batch_tokens=batch_tokens,
             )
         plan = plan_compat(source, settings, compat_config, out, fields, teacher_field, config, overwrite)
-    run_compat_pass(plan, batch_problems, quiet)
+        run_compat_pass(plan, batch_problems, quiet)
 
 
 def parse_floats(value: str, count: int, option: str) -> list[float]:
@@ -418,7 +443,7 @@ def distill(
     from cordgen.config import load_recipe as read_recipe
     from cordgen.distill import distill as run_distill
 
-    with user_errors():
+    with one_line_errors():
         with option_errors():
             settings = StudentSettings(
                 model=student, dtype=dtype, device=device, trust_remote_code=trust_remote_code

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cordgen.errors import ConfigError
 
@@ -40,11 +40,12 @@ class EngineDefaults(StrictModel):
         description="device ids of this engine's worker process (CUDA_VISIBLE_DEVICES); placement: workers",
         json_schema_extra=THROUGHPUT,
     )
-    gpu_memory_utilization: float = Field(
-        0.9,
+    gpu_memory_utilization: float | None = Field(
+        None,
         gt=0,
         le=1,
-        description="on CPU builds of vLLM: the fraction of host memory",
+        description="vLLM's default (0.9) if unset; on CPU builds the fraction of host memory, and unset "
+        "there with kv_cache_memory_bytes unset, cordgen sizes the KV cache from free memory",
         json_schema_extra=THROUGHPUT,
     )
     kv_cache_memory_bytes: int | None = Field(
@@ -57,7 +58,7 @@ class EngineDefaults(StrictModel):
     block_size: int | None = Field(
         None,
         gt=0,
-        description="KV-cache block (prefix-cache granularity); vLLM's default if unset",
+        description="KV-cache block (prefix-cache granularity); vLLM's default if unset (32 on CPU builds)",
         json_schema_extra=THROUGHPUT,
     )
     max_num_seqs: int | None = Field(None, gt=0, json_schema_extra=THROUGHPUT)
@@ -248,11 +249,18 @@ class OutputConfig(StrictModel):
 
 
 class PlacementConfig(StrictModel):
-    """Where engines run: in this process (CPU runs, tests) or one worker process per engine,
-    each on the devices its `gpus` names."""
+    """Which devices engines run on: all of those cordgen sees (`shared`), or each engine on the
+    devices its `gpus` names (`workers`). Either way each local engine runs in a worker process
+    of its own that dies with cordgen."""
 
-    mode: Literal["in_process", "workers"] = "in_process"
+    mode: Literal["shared", "workers"] = "shared"
     share_gpus: bool = Field(False, description="allow two engines on one device")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _former_name(cls, value: Any) -> Any:
+        """`in_process` was `shared`'s name before every engine moved into a worker process."""
+        return "shared" if value == "in_process" else value
 
 
 class Recipe(StrictModel):

@@ -22,6 +22,7 @@ from math_verify import parse, verify
 from sympy import Basic, MatrixBase
 
 from cordgen.answers import extract_answer
+from cordgen.lifetime import die_with_parent
 from cordgen.records import Grade
 
 TEXT_COMMAND = re.compile(r"\\text(?:bf|rm)?\{([^{}]*)\}")
@@ -130,11 +131,14 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     first item's time."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_math_verify)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_grader)
 
 
-def _quiet_math_verify() -> None:
-    """Its only warnings are that its own timeouts are off, which is deliberate here."""
+def _start_grader() -> None:
+    """A grader goes when the fork server that started it goes, which goes (its pipe to cordgen
+    closed) when cordgen dies. math-verify's only warnings are that its own timeouts are off,
+    which is deliberate here."""
+    die_with_parent()
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 

@@ -17,12 +17,13 @@ from typing import Any
 
 from cordgen.config import ScorerConfig, StepFormat, check_role_sources, load_recipe, pick_scorer
 from cordgen.engines import AnswerScore, Scorer, ScoreRequest
+from cordgen.engines.placement import fit_scorer_to_host
 from cordgen.errors import CordgenError
 from cordgen.grading import grade_answers
 from cordgen.problems import problem_rows
 from cordgen.prompts import split_trace
 from cordgen.records import ScoreRecord, StepScore
-from cordgen.store import CONFIG, RESULTS, SCORES, JsonlLog, RunDirectory
+from cordgen.store import CONFIG, ENGINE_LOG, RESULTS, SCORES, JsonlLog, RunDirectory
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,14 @@ def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> t
             owners.append(index)
     results = scorer.score(requests)
     grades = grade_answers([(t.answer, t.response) for t in traces], timeout_s=timeout_s)
-    per_trace: list[list[AnswerScore]] = [[] for _ in traces]
+    per_trace: list[list[AnswerScore | None]] = [[] for _ in traces]
     for owner, result in zip(owners, results):
         per_trace[owner].append(result)
     records = []
     for trace, scores, grade in zip(traces, per_trace, grades):
-        steps = [
-            StepScore(index=i, score=s.score, perplexity=s.perplexity) for i, s in enumerate(scores, start=1)
+        steps = [  # a prefix too long for the scorer's window has no score
+            StepScore(index=i, score=s and s.score, perplexity=s and s.perplexity)
+            for i, s in enumerate(scores, start=1)
         ]
         last = scores[-1] if scores else None
         records.append(
@@ -124,7 +126,7 @@ def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> t
                 grade=grade,
             )
         )
-    computed = sum(r.num_prompt_tokens - r.num_cached_tokens for r in results)
+    computed = sum(r.num_prompt_tokens - r.num_cached_tokens for r in results if r is not None)
     return records, computed
 
 
@@ -139,6 +141,13 @@ class ScoringPlan:
     todo: tuple[Trace, ...]
     output: JsonlLog
     synthesis_seconds: float | None = None  # from the run's manifest, when scoring a run
+
+    @property
+    def engine_log(self) -> Path:
+        """A run's engine log, or one beside the scores file."""
+        if self.source.is_dir():
+            return self.source / ENGINE_LOG
+        return self.output.path.with_suffix(".engines.log")
 
 
 def plan_scoring(
@@ -171,6 +180,7 @@ def plan_scoring(
     else:
         scorer = recipe.scorer
     check_role_sources(scorer)
+    scorer = fit_scorer_to_host(scorer)
     output = JsonlLog(out)
     if overwrite:
         out.unlink(missing_ok=True)
@@ -212,15 +222,17 @@ def execute_scoring(
     batch_size: int = 512,
     timeout_s: float = 5.0,
     pool: Any = None,
+    engine_log: bool = True,
 ) -> None:
-    """Loads the scorer (or takes it from `pool`) only when something is left to score."""
+    """Loads the scorer (or takes it from `pool`) only when something is left to score; its
+    output goes to the engine log, or with `engine_log=False` to stderr."""
     if not plan.todo:
         return
     from cordgen.engines.pool import EnginePool
     from cordgen.engines.roles import build_scorer
 
     own_pool = pool is None
-    pool = EnginePool() if own_pool else pool
+    pool = EnginePool(log_path=plan.engine_log if engine_log else None) if own_pool else pool
     try:
         run_scoring(plan, build_scorer(plan.scorer, plan.fmt, pool), on_batch, batch_size, timeout_s)
     finally:

@@ -19,13 +19,14 @@ class ClosedBy(str, Enum):
     END_OF_THINKING = "end_of_thinking"  # the last step closed thinking
     EOS = "eos"  # the last step ended the turn
     BUDGET = "budget"  # the thinking budget ran out: closed with </think>
+    CONTEXT = "context"  # the next step, its answer or its score would not fit a context window
     MAX_STEPS = "max_steps"  # still live when the problem ran out of rounds
     STALLED = "stalled"  # no usable candidate was proposed
 
     @property
     def finished(self) -> bool:
         """Did thinking end (by the model or the budget), rather than the search giving up?"""
-        return self in (ClosedBy.END_OF_THINKING, ClosedBy.EOS, ClosedBy.BUDGET)
+        return self in (ClosedBy.END_OF_THINKING, ClosedBy.EOS, ClosedBy.BUDGET, ClosedBy.CONTEXT)
 
 
 @dataclass(frozen=True)
@@ -83,12 +84,14 @@ def collapse(proposals: Sequence[tuple[int, StepCandidate]], round_index: int) -
     """One candidate per (parent, text, finish reason), crediting every teacher that proposed it.
 
     Without this, a step several teachers agree on fills several of the B slots with one
-    trajectory. A blank step that does not end thinking carries nothing and is dropped.
+    trajectory. A blank step that does not end thinking carries nothing and is dropped, and so
+    are the parents that some teacher had no room to continue (see `out_of_context`).
     Proposals come in (parent, teacher, sample) order; the first proposer is the author.
     """
+    full = out_of_context(proposals)
     merged: dict[tuple[int, str, FinishReason], list[StepCandidate]] = {}
     for parent, proposal in proposals:
-        if not proposal.text.strip() and not proposal.finish_reason.ends_thinking:
+        if parent in full or (not proposal.text.strip() and not proposal.finish_reason.ends_thinking):
             continue
         merged.setdefault((parent, proposal.text, proposal.finish_reason), []).append(proposal)
     return [
@@ -104,6 +107,13 @@ def collapse(proposals: Sequence[tuple[int, StepCandidate]], round_index: int) -
         )
         for (parent, text, reason), group in merged.items()
     ]
+
+
+def out_of_context(proposals: Sequence[tuple[int, StepCandidate]]) -> frozenset[int]:
+    """Parents whose trajectory leaves some teacher no room in its window for a step and an
+    answer: they close as they are, whatever the other teachers proposed, so that every beam of a
+    run closes at a point that does not depend on which teacher happened to run out first."""
+    return frozenset(parent for parent, p in proposals if p.finish_reason is FinishReason.CONTEXT)
 
 
 @dataclass(frozen=True)
@@ -156,16 +166,32 @@ class ProblemSearch:
         )
 
     def advance(
-        self, candidates: Sequence[Candidate], scores: Sequence[float], config: SearchConfig
+        self,
+        candidates: Sequence[Candidate],
+        scores: Sequence[float | None],
+        config: SearchConfig,
+        full: frozenset[int] = frozenset(),
     ) -> ProblemSearch:
-        """One round: select the best children, then close beams that spent the thinking budget."""
-        if not candidates:
+        """One round: close the frontier beams that are out of context, select the best children
+        of the others, then close beams that spent the thinking budget. `full` holds the parents
+        a teacher had no room to continue; a candidate scored None did not fit the scorer's
+        window, and a parent left with no scorable candidate is out of context too."""
+        scored = [(c, s) for c, s in zip(candidates, scores) if s is not None]
+        unscorable = {c.parent for c, s in zip(candidates, scores) if s is None}
+        full = full | (unscorable - {c.parent for c, _ in scored})
+        closed = tuple(self.frontier[i].close(ClosedBy.CONTEXT) for i in sorted(full))
+        if not scored and not closed:
             return replace(self, rounds=self.rounds + 1, stalled=True)
-        selection = select(self.frontier, candidates, scores, config.beam_width)
+        if not scored:
+            return replace(self, frontier=(), finished=self.finished + closed, rounds=self.rounds + 1)
+        selection = select(self.frontier, [c for c, _ in scored], [s for _, s in scored], config.beam_width)
         spent = tuple(b for b in selection.frontier if b.num_tokens >= config.thinking_budget)
         return ProblemSearch(
             frontier=tuple(b for b in selection.frontier if b.num_tokens < config.thinking_budget),
-            finished=self.finished + selection.finished + tuple(b.close(ClosedBy.BUDGET) for b in spent),
+            finished=self.finished
+            + closed
+            + selection.finished
+            + tuple(b.close(ClosedBy.BUDGET) for b in spent),
             rounds=self.rounds + 1,
         )
 

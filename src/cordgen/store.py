@@ -28,6 +28,7 @@ RESULTS = "results.jsonl"
 CONFIG = "config.yaml"
 MANIFEST = "manifest.json"
 SCORES = "scores.jsonl"  # written by `cordgen score` beside the records
+ENGINE_LOG = "engines.log"  # what the run's engines printed: vLLM's logs, a failed start's traceback
 
 
 def now() -> str:
@@ -191,7 +192,7 @@ class RunDirectory:
         drops a torn last line, saves the resolved recipe and the manifest."""
         self.path.mkdir(parents=True, exist_ok=True)
         if overwrite:
-            for name in (RESULTS, MANIFEST, CONFIG, SCORES):
+            for name in (RESULTS, MANIFEST, CONFIG, SCORES, ENGINE_LOG):
                 (self.path / name).unlink(missing_ok=True)
         self.results.repair()
         text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

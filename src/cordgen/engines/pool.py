@@ -3,15 +3,20 @@ one copy, and each engine runs where its settings and the placement say."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from cordgen.config import EngineSettings
 from cordgen.engines import EngineModel
+from cordgen.engines.placement import vllm_is_cpu_build
 
 
+@functools.cache
 def load_tokenizer(settings: EngineSettings):
-    """The engine's tokenizer in this process, for engines whose model lives elsewhere."""
+    """The engine's tokenizer in this process, for engines whose model lives elsewhere; loaded
+    once, for the plan's window check and the roles alike."""
     from transformers import AutoTokenizer
 
     from cordgen.config import resolve_model_source
@@ -24,24 +29,37 @@ def load_tokenizer(settings: EngineSettings):
 
 
 class EnginePool:
-    """Remote engines are clients in this process; the others load in this process
-    (`in_process`) or each in its own worker process (`workers`), all started at once."""
+    """Remote engines are clients in this process; every local engine runs in a worker process
+    of its own that dies with this one (`engines/worker.py`), its output in `log_path`.
 
-    def __init__(self, placement: str = "in_process") -> None:
+    Under `workers` placement, and on CPU builds, all workers start at once. Engines that share
+    the GPUs this process sees (`shared`) start one after another: vLLM sizes its cache from the
+    memory it finds free, which engines loading side by side would change under each other."""
+
+    def __init__(self, placement: str = "shared", log_path: Path | None = None) -> None:
         self.placement = placement
+        self.log_path = log_path
         self._models: dict[EngineSettings, EngineModel] = {}
+        self._labels: dict[EngineSettings, str] = {}
 
-    def load(self, engines: Sequence[EngineSettings]) -> None:
-        """Worker processes all start before any is waited for, so their engines load in
-        parallel; in-process engines load one after another."""
-        todo = [e for e in dict.fromkeys(engines) if e not in self._models]
-        if self.placement == "workers":
+    def load(self, engines: Mapping[EngineSettings, str] | Iterable[EngineSettings]) -> None:
+        """Starts the engines not loaded yet; a mapping gives each a label (the roles it
+        serves) for its log and errors."""
+        labels = dict(engines) if isinstance(engines, Mapping) else {e: e.model for e in engines}
+        self._labels.update(labels)
+        todo = [e for e in labels if e not in self._models]
+        if self.placement == "workers" or vllm_is_cpu_build():
             from cordgen.engines.worker import WorkerModel
 
-            started = {e: WorkerModel(e) for e in todo if e.remote is None}
+            started = {e: WorkerModel(e, labels[e], self.log_path) for e in todo if e.remote is None}
+            try:
+                for model in started.values():
+                    model.wait_ready()
+            except BaseException:  # one failed (or Ctrl-C): the others are still loading
+                for model in started.values():
+                    model.kill()
+                raise
             self._models.update(started)
-            for model in started.values():
-                model.wait_ready()
         for settings in todo:
             self.model(settings)
 
@@ -55,13 +73,14 @@ class EnginePool:
             from cordgen.engines.remote import RemoteModel
 
             return RemoteModel(settings)
-        if self.placement == "workers":
-            from cordgen.engines.worker import WorkerModel
+        from cordgen.engines.worker import WorkerModel
 
-            return WorkerModel(settings).wait_ready()
-        from cordgen.engines.vllm_local import VllmModel
-
-        return VllmModel(settings)
+        worker = WorkerModel(settings, self._labels.get(settings, settings.model), self.log_path)
+        try:
+            return worker.wait_ready()
+        except BaseException:
+            worker.kill()
+            raise
 
     def __len__(self) -> int:
         return len(self._models)
@@ -72,7 +91,7 @@ class EnginePool:
             model.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """All engines at once: vLLM waits up to 5 s for each engine process before killing it."""
+        """All engines at once: each worker gets up to 30 s to close its engine."""
         with ThreadPoolExecutor(max_workers=max(1, len(self._models))) as executor:
             list(executor.map(lambda model: model.shutdown(), self._models.values()))
         self._models.clear()

@@ -23,17 +23,19 @@ from cordgen.engines import (
     StepCandidate,
     derive_seed,
 )
+from cordgen.engines.placement import distinct_engines
 from cordgen.engines.pool import EnginePool
 from cordgen.errors import EngineError
 from cordgen.prompts import ChatPrompt
 
 
 def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> EngineScorer:
+    pool.load({config.engine: config.name})
     return EngineScorer(config, pool.model(config.engine), fmt)
 
 
 def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, EngineTeacher], EngineScorer]:
-    pool.load([role.engine for role in [*recipe.teachers, recipe.scorer]])
+    pool.load({engine: "/".join(roles) for engine, roles in distinct_engines(recipe).items()})
     teachers = {
         t.name: EngineTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
     }
@@ -81,18 +83,20 @@ class EngineTeacher:
         counts: Sequence[int],
         stop: tuple[str, ...],
         limit: int,
+        needed: int = 1,
     ) -> list[list[StepCandidate]]:
-        """n seeded samples per prompt in one engine call; a prompt with no room left in the
-        context window yields empty LENGTH samples instead of failing the whole batch."""
+        """n seeded samples per prompt in one engine call, each up to `limit` tokens or the end
+        of the context window. A prompt that leaves fewer than `needed` tokens of the window
+        yields empty CONTEXT samples instead of failing the whole batch."""
         batch, slots = [], []
         results: list[list[StepCandidate | None]] = [[None] * n for n in counts]
         for i, (ids, key) in enumerate(zip(prompts, seed_keys)):
-            room = min(limit, self.model.max_model_len - len(ids))
+            room = self.model.max_model_len - len(ids)
             for sample in range(len(results[i])):
-                if room <= 0:
-                    results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.LENGTH, sample)
+                if room < needed:
+                    results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.CONTEXT, sample)
                     continue
-                batch.append(self._request(ids, self._seed(key, sample), room, stop))
+                batch.append(self._request(ids, self._seed(key, sample), min(limit, room), stop))
                 slots.append((i, sample))
         for (i, sample), drawn in zip(slots, self.model.sample(batch)):
             results[i][sample] = StepCandidate(
@@ -105,11 +109,15 @@ class EngineTeacher:
         return [[c for c in row if c is not None] for row in results]
 
     def propose(self, requests: Sequence[ProposeRequest]) -> list[list[StepCandidate]]:
-        """Every request's n samples of its next step, from one engine call."""
+        """Every request's n samples of its next step, from one engine call. A trajectory whose
+        window has no room for a whole step and then a whole answer gets CONTEXT samples: the
+        search closes it while its answer still fits."""
         prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
         stop = (self.fmt.marker, self.fmt.think_close)
         keys, counts = [r.seed_key for r in requests], [r.n for r in requests]
-        return self._sample(prompts, keys, counts, stop, self.config.sampling.max_step_tokens)
+        sampling = self.config.sampling
+        needed = sampling.max_step_tokens + sampling.max_answer_tokens
+        return self._sample(prompts, keys, counts, stop, sampling.max_step_tokens, needed)
 
     def solve(self, requests: Sequence[ProposeRequest], max_tokens: int) -> list[list[StepCandidate]]:
         """n whole traces (thinking and answer) per request, from one engine call: curation."""
@@ -142,22 +150,19 @@ class EngineScorer:
         self.model = model
         self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
 
-    def _prepare(self, request: ScoreRequest) -> tuple[list[int], int]:
+    def _prepare(self, request: ScoreRequest) -> tuple[list[int], int] | None:
+        """(prompt ids, where the answer starts), or None when the prompt does not fit the
+        window (vLLM needs room for one decoded token after it)."""
         context, answer = self.chat.scoring_ids(
             request.question, request.steps, self.config.answer_suffix, request.answer
         )
         if not answer:
             raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
         ids = context + answer
-        if len(ids) + 1 > self.model.max_model_len:
-            raise EngineError(
-                f"scorer {self.name}: a {len(ids)}-token scoring prompt exceeds max_model_len "
-                f"{self.model.max_model_len}; raise max_model_len or lower the thinking budget"
-            )
-        return ids, len(context)
+        return (ids, len(context)) if len(ids) < self.model.max_model_len else None
 
     def _run(
-        self, prepared: list[tuple[list[int], int]], indices: Sequence[int], read_cache: bool
+        self, prepared: dict[int, tuple[list[int], int]], indices: Sequence[int], read_cache: bool
     ) -> dict[int, AnswerScore | None]:
         scores: dict[int, AnswerScore | None] = {}
         for chunk in chunked(indices, self.config.max_requests_per_call):
@@ -175,14 +180,14 @@ class EngineScorer:
                 )
         return scores
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]:
+    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore | None]:
         """Scores the batch with prefix-cache reads, then re-scores without them the few requests
-        whose cached prefix reached into the answer span."""
-        prepared = [self._prepare(r) for r in requests]
-        scores = self._run(prepared, range(len(prepared)), read_cache=self.config.reuse_prefix_cache)
+        whose cached prefix reached into the answer span; None for prompts that do not fit."""
+        prepared = {i: p for i, r in enumerate(requests) if (p := self._prepare(r)) is not None}
+        scores = self._run(prepared, list(prepared), read_cache=self.config.reuse_prefix_cache)
         untrusted = [i for i, s in scores.items() if s is None]
         if untrusted and self.config.reuse_prefix_cache:
             scores.update(self._run(prepared, untrusted, read_cache=False))
-        if any(scores[i] is None for i in range(len(prepared))):
+        if any(scores[i] is None for i in prepared):
             raise EngineError(f"scorer {self.name}: the engine returned incomplete prompt logprobs")
-        return [scores[i] for i in range(len(prepared))]  # type: ignore[misc]
+        return [scores.get(i) for i in range(len(requests))]

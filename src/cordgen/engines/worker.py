@@ -1,10 +1,15 @@
-"""One engine in its own worker process, on its own devices.
+"""Every local engine runs in a worker process of its own, which never outlives cordgen.
 
-The main process then holds no model: each worker sets CUDA_VISIBLE_DEVICES before torch or
-vLLM is imported, so `gpus: [2, 3]` with `tensor_parallel_size: 2` gives that engine exactly
-those two GPUs. A worker starts its own session, so a Ctrl-C at the terminal reaches the main
-process alone (which finishes the round in flight), and it shuts its engine down when the main
-process dies. A worker that dies makes the next call raise an EngineError naming it.
+The worker asks the kernel to SIGKILL it when cordgen dies (`cordgen.lifetime`), and its vLLM
+engine runs inside it (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so there is no engine-core process
+that could be left behind: a `kill -9` of cordgen frees the engine's memory within moments.
+(Tensor-parallel workers that vLLM starts below it watch a pipe to their parent and go too.)
+That also makes a start several times faster than vLLM's own engine-core process on CPU builds.
+
+Each worker sets CUDA_VISIBLE_DEVICES before torch or vLLM is imported, so `gpus: [2, 3]` with
+`tensor_parallel_size: 2` gives that engine exactly those two GPUs. It starts its own session,
+so a Ctrl-C at the terminal reaches the main process alone (which finishes the round in
+flight). Its output goes to the run's engine log, and a start that fails comes back as one line.
 
 This module imports neither torch nor vLLM at import time: the spawned worker imports it first.
 """
@@ -12,47 +17,55 @@ This module imports neither torch nor vLLM at import time: the spawned worker im
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from cordgen.config import EngineSettings
 from cordgen.engines import Sample, SampleRequest, SpanLogprobs
+from cordgen.engines.startup import start_failure
 from cordgen.errors import EngineError
-
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Linux: SIGTERM this process when the process that started it dies, even by SIGKILL."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+from cordgen.lifetime import die_with_parent
 
 
-def serve(settings: EngineSettings, conn: Connection) -> None:
+def send_output_to(log_path: Path) -> None:
+    """This process's stdout and stderr, and its children's, append to the engine log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def serve(
+    settings: EngineSettings, conn: Connection, parent_pid: int, log_path: Path | None, label: str
+) -> None:
     """The worker's main loop: load the engine, then answer calls until told to stop."""
     os.setsid()
-    die_with_parent()
+    die_with_parent(parent_pid)
+    if log_path is not None:
+        send_output_to(log_path)
+        print(f"=== cordgen engine {label} ({settings.model}), pid {os.getpid()}", flush=True)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if settings.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpus)
-    from cordgen.engines.vllm_local import VllmModel
-
     try:
+        from cordgen.engines.vllm_local import VllmModel
+
         model = VllmModel(settings)
-    except Exception as error:  # the parent reports it; a traceback here would be lost
-        conn.send(("error", f"{type(error).__name__}: {error}"))
+    except Exception as error:  # the full traceback goes to the engine log, the cause to the parent
+        traceback.print_exc()
+        sys.stderr.flush()
+        conn.send(("error", start_failure(error)))
         return
-
-    def stop(signum: int, frame: object) -> None:
-        model.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, stop)
     conn.send(("ready", model.max_model_len))
     while True:
         try:
@@ -64,6 +77,7 @@ def serve(settings: EngineSettings, conn: Connection) -> None:
         try:
             conn.send(("ok", getattr(model, method)(*args)))
         except Exception as error:
+            traceback.print_exc()
             conn.send(("error", f"{type(error).__name__}: {error}"))
     model.shutdown()
     conn.send(("ok", None))
@@ -72,41 +86,50 @@ def serve(settings: EngineSettings, conn: Connection) -> None:
 class WorkerModel:
     """A VllmModel in a worker process, behind the same EngineModel surface."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, label: str, log_path: Path | None = None) -> None:
         """Starts the worker and returns at once; `wait_ready` waits for its engine. Start it
         from the thread that lives as long as the run: the worker's parent-death signal fires
         when the starting thread ends."""
         self.settings = settings
+        self.label = label
+        self.log_path = log_path
         self._lock = threading.Lock()
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
-            target=serve, args=(settings, child), name=f"cordgen-engine:{settings.model}"
+            target=serve,
+            args=(settings, child, os.getpid(), log_path, label),
+            name=f"cordgen-engine:{label}",
         )
         self.process.start()
         child.close()
         self.max_model_len = 0
         self.tokenizer: Any = None
 
+    @property
+    def name(self) -> str:
+        return f"engine for {self.label} ({self.settings.model})"
+
     def wait_ready(self) -> WorkerModel:
         from cordgen.engines.pool import load_tokenizer
 
-        self.max_model_len = self._receive("start")
         self.tokenizer = load_tokenizer(self.settings)
+        self.max_model_len = self._receive("start", failed_to="failed to start")
         return self
 
-    def _receive(self, what: str) -> Any:
+    def _receive(self, what: str, failed_to: str = "failed") -> Any:
+        see_log = f"; log: {self.log_path}" if self.log_path is not None else ""
         try:
             status, value = self._conn.recv()
         except (EOFError, ConnectionResetError):
             self.process.join(timeout=5)
             self.kill_group()
             raise EngineError(
-                f"engine worker for {self.settings.model} (pid {self.process.pid}) died during {what} "
-                f"(exit code {self.process.exitcode})"
+                f"{self.name} (pid {self.process.pid}) died during {what} "
+                f"(exit code {self.process.exitcode}){see_log}"
             ) from None
         if status == "error":
-            raise EngineError(f"engine worker for {self.settings.model}: {value}")
+            raise EngineError(f"{self.name} {failed_to}: {value}{see_log}")
         return value
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -134,8 +157,14 @@ class WorkerModel:
         self.kill_group()
         self._conn.close()
 
+    def kill(self) -> None:
+        """At once, whatever it is doing (a failed start elsewhere, an interrupted load)."""
+        self.kill_group()
+        self.process.join(timeout=10)
+        self._conn.close()
+
     def kill_group(self) -> None:
-        """The worker leads its own process group, vLLM's engine processes included: a worker
+        """The worker leads its own process group, any process vLLM started included: a worker
         killed from outside would otherwise leave them running."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
