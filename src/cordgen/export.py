@@ -142,40 +142,40 @@ def check_target(run: RunDirectory, out: Path) -> None:
         raise CordgenError(f"{out}: would replace the run's own records; choose another --jsonl")
 
 
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
-    *,
-    format: ExportFormat = "messages",
-    only_correct: bool = False,
-    max_perplexity: float | None = None,
-    system_prompt: str | None = None,
-    think_tags: bool = True,
-    include_unfinished: bool = False,
-    weights: Weights = "none",
-    min_weight: float | None = None,
-) -> ExportReport:
-    """Writes one training example per kept trace to `out`, all of them or, on any error, nothing.
-    With `weights="compat"` every rationale the run kept (its result and its alternatives) is an
-    example, weighted by the alpha `cordgen compat` gave it."""
-    run, out = RunDirectory(run_dir), Path(out)
-    if format not in FORMATS:
-        raise CordgenError(f"--format: {format!r} is not one of: {', '.join(FORMATS)}")
-    if not run.results_path.is_file():
-        raise CordgenError(f"{run.path}: no {RESULTS}; not a cordgen run directory")
-    scores = load_scores(run.path / SCORES)
-    if only_correct and scores is None:
-        raise CordgenError(
-            f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
+@dataclass(frozen=True)
+class RowOptions:
+    """How traces become rows and which stay out: one set of options for every output."""
+
+    format: ExportFormat = "messages"
+    only_correct: bool = False
+    max_perplexity: float | None = None
+    system_prompt: str | None = None
+    think_tags: bool = True
+    include_unfinished: bool = False
+    weights: Weights = "none"
+    min_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """A run checked and read for export, so that every refusal comes before the first write."""
+
+    run: RunDirectory
+    options: RowOptions
+    scores: dict[str, ScoreRecord] | None
+    compat: dict[tuple[str, int], float] | None
+    fmt: StepFormat
+
+    def rows(self, report: ExportReport) -> Iterator[dict[str, Any]]:
+        """One training example per kept trace, in the run's order; `report` counts kept and dropped.
+        With `weights="compat"` every rationale the run kept (its result and its alternatives) is an
+        example, weighted by the alpha `cordgen compat` gave it."""
+        options, compat = self.options, self.compat
+        filters = Filters(
+            options.only_correct, options.max_perplexity, options.include_unfinished, options.min_weight
         )
-    compat = compat_alphas(run, weights, min_weight)
-    check_target(run, out)
-    fmt = step_format(run)
-    filters = Filters(only_correct, max_perplexity, include_unfinished, min_weight)
-    report = ExportReport(kept=0, dropped={})
-    with atomic_output(out) as handle:
-        for record in run.records():
-            scored = scores.get(record.id) if scores is not None else None
+        for record in self.run.records():
+            scored = self.scores.get(record.id) if self.scores is not None else None
             for source, trajectory in exported(record, compat is not None):
                 meta = metadata(record, trajectory, scored if source == 0 else None)
                 if compat is not None:
@@ -185,11 +185,36 @@ def export_run(
                 if reason is not None:
                     report.dropped[reason] = report.dropped.get(reason, 0) + 1
                     continue
-                text = assistant_text(trajectory, fmt, think_tags)
-                handle.write(
-                    orjson.dumps(example(record.question, text, meta, format, system_prompt)) + b"\n"
-                )
+                text = assistant_text(trajectory, self.fmt, options.think_tags)
                 report.kept += 1
+                yield example(record.question, text, meta, options.format, options.system_prompt)
+
+
+def open_rows(run_dir: str | Path, options: RowOptions) -> RowSource:
+    run = RunDirectory(run_dir)
+    if options.format not in FORMATS:
+        folder_only = " (hf: with --out DIR)" if options.format == "hf" else ""
+        raise CordgenError(f"--format: {options.format!r} is not one of: {', '.join(FORMATS)}{folder_only}")
+    if not run.results_path.is_file():
+        raise CordgenError(f"{run.path}: no {RESULTS}; not a cordgen run directory")
+    scores = load_scores(run.path / SCORES)
+    if options.only_correct and scores is None:
+        raise CordgenError(
+            f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
+        )
+    compat = compat_alphas(run, options.weights, options.min_weight)
+    return RowSource(run, options, scores, compat, step_format(run))
+
+
+def export_run(run_dir: str | Path, out: str | Path, **options: Any) -> ExportReport:
+    """Writes `RowSource.rows` to the JSONL file `out`, all of them or, on any error, nothing.
+    `options` are `RowOptions`' fields."""
+    source, out = open_rows(run_dir, RowOptions(**options)), Path(out)
+    check_target(source.run, out)
+    report = ExportReport(kept=0, dropped={})
+    with atomic_output(out) as handle:
+        for row in source.rows(report):
+            handle.write(orjson.dumps(row) + b"\n")
     return report
 
 
