@@ -1,9 +1,11 @@
-"""A run's traces as supervised fine-tuning data: one chat example per problem, in JSONL.
+"""A run's traces as supervised fine-tuning data: one chat example per problem, in JSONL here or
+as a Hugging Face dataset folder (`cordgen.export_hf`), from the same rows.
 
 The thinking is rendered with the run's own step markers and think tags, so a student learns the
 format its teachers wrote in. Every row has the same metadata keys and JSON types, so `datasets`
-infers one schema without being given features. Where `cordgen score` has written scores.jsonl,
-its scores and grades replace the search-time ones stored in the records.
+infers one schema from the JSONL without being given features; `features` states it for Parquet.
+Where `cordgen score` has written scores.jsonl, its scores and grades replace the search-time ones
+stored in the records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -23,6 +25,9 @@ from cordgen.errors import CordgenError
 from cordgen.prompts import render_steps
 from cordgen.records import CompatRecord, ScoreRecord, TraceRecord, TrajectoryRecord
 from cordgen.store import CONFIG, RESULTS, SCORES, RunDirectory, load_scores
+
+if TYPE_CHECKING:
+    import datasets
 
 ExportFormat = Literal["messages", "sharegpt"]
 Weights = Literal["none", "compat"]
@@ -36,6 +41,10 @@ class ExportReport(BaseModel):
     @property
     def total(self) -> int:
         return self.kept + sum(self.dropped.values())
+
+    def dropped_summary(self) -> str:
+        """`unfinished 1, not correct 2`, in the order the reasons were first met."""
+        return ", ".join(f"{reason} {count}" for reason, count in self.dropped.items())
 
 
 def step_format(run: RunDirectory) -> StepFormat:
@@ -79,6 +88,34 @@ def metadata(record: TraceRecord, result: TrajectoryRecord, scored: ScoreRecord 
         "predicted_answer": predicted,
         "num_tokens": result.num_tokens,
     }
+
+
+def features(format: ExportFormat, weighted: bool) -> datasets.Features:
+    """The rows' types, stated rather than inferred: a field that is null in every row of one run
+    (`correct` before scoring) keeps its type, and every export with the same options has the
+    same schema. The keys are `example`'s and `metadata`'s."""
+    from datasets import Features, Value
+
+    string, number = Value("string"), Value("float64")
+    meta = {
+        "id": string,
+        "gold_answer": string,
+        "strategy": string,
+        "teachers": [string],
+        "step_scores": [number],
+        "score": number,
+        "perplexity": number,
+        "correct": Value("bool"),
+        "predicted_answer": string,
+        "num_tokens": Value("int64"),
+    }
+    if weighted:
+        meta |= {"rationale": Value("int64"), "weight": number}
+    if format == "sharegpt":
+        return Features(
+            {"system": string, "conversations": [{"from": string, "value": string}], "metadata": meta}
+        )
+    return Features({"messages": [{"role": string, "content": string}], "metadata": meta})
 
 
 @dataclass(frozen=True)
