@@ -10,8 +10,10 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from cordgen import __version__, export_hf
+from cordgen.cli import app
 from cordgen.errors import CordgenError
 from cordgen.export import export_run, features
 from cordgen.export_hf import export_dataset
@@ -224,3 +226,60 @@ def test_a_failed_export_leaves_the_old_folder_and_no_temporary(run, tmp_path):
         export_dataset(run, tmp_path / "dataset", overwrite=True)
     assert snapshot(tmp_path / "dataset") == before
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["export", *args])
+
+
+@pytest.mark.parametrize("layout", ["hf", "sharegpt"])
+def test_cli_writes_a_folder(run, tmp_path, layout):
+    folder = tmp_path / "dataset"
+    result = invoke(str(run), "--out", str(folder), "--format", layout, "--license", "mit")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.strip() == f"exported 3 of 4 traces to {folder} (dropped: unfinished 1)"
+    assert files(folder) == ONE_SHARD and card(folder)[0]["license"] == "mit"
+    columns = {"hf": ["messages", "metadata"], "sharegpt": ["system", "conversations", "metadata"]}
+    assert load(folder, tmp_path).column_names == columns[layout]
+    result = invoke(str(run), "-o", str(folder), "--shard-rows", "2", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert len(files(folder / "data")) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "give one of --jsonl FILE (JSON lines) or --out DIR (a Hugging Face dataset folder)"),
+        (["--jsonl", "{tmp}/out.jsonl", "--out", "{tmp}/out"], "give one of --jsonl FILE"),
+        (["--jsonl", "{tmp}/out.jsonl", "--overwrite"], "--overwrite: only with --out DIR, not --jsonl"),
+        (["--jsonl", "{tmp}/out.jsonl", "--shard-rows", "0"], "--shard-rows: only with --out DIR"),
+        (["--jsonl", "{tmp}/out.jsonl", "--format", "hf"], "not one of: messages, sharegpt (hf: with --out"),
+        (["--out", "{tmp}/out", "--shard-rows", "0"], "--shard-rows: 0 is not a positive number of rows"),
+        (["--out", "{tmp}/out", "--format", "alpaca"], "--format: 'alpaca' is not one of"),
+        (["--out", "{tmp}/out", "--only-correct"], "no scores.jsonl to tell correct traces"),
+        (["--out", "{run}", "--overwrite"], "run: holds config.yaml, manifest.json, results.jsonl, not only"),
+        (["--out", "{tmp}/earlier"], "earlier: holds an earlier export (use --overwrite to replace it)"),
+        (["--out", "{run}/results.jsonl"], "results.jsonl: output path is a file, not a folder"),
+    ],
+    ids=[
+        "neither",
+        "both",
+        "overwrite-jsonl",
+        "shard-rows-jsonl",
+        "hf-jsonl",
+        "no-rows",
+        "unknown-format",
+        "unscored",
+        "onto-the-run",
+        "earlier-export",
+        "onto-a-file",
+    ],
+)
+def test_cli_refuses_in_one_line(run, tmp_path, args, expected):
+    export_dataset(run, tmp_path / "earlier")
+    before = snapshot(tmp_path)
+    result = invoke(str(run), *(a.format(tmp=tmp_path, run=run) for a in args))
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+    assert snapshot(tmp_path) == before
