@@ -7,12 +7,16 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 import yaml
 
 from cordgen import __version__
 from cordgen.errors import INTERRUPTED, RUN_FAILED, CordgenError
+
+if TYPE_CHECKING:
+    from cordgen.export import ExportReport
 
 app = typer.Typer(
     name="cordgen",
@@ -210,8 +214,13 @@ def merge(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="The run directory to export."),
-    jsonl: Path = typer.Option(..., "--jsonl", help="The JSONL file to write (replaced as a whole)."),
-    format: str = typer.Option("messages", "--format", help="messages | sharegpt (OpenThoughts layout)"),
+    jsonl: Path | None = typer.Option(None, "--jsonl", help="A JSONL file to write (replaced as a whole)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="A Hugging Face dataset folder to write: Parquet shards and a card."
+    ),
+    format: str = typer.Option(
+        "messages", "--format", help="messages | sharegpt (OpenThoughts layout); hf: messages, with --out"
+    ),
     only_correct: bool = typer.Option(
         False, "--only-correct", help="Keep only traces `cordgen score` graded correct."
     ),
@@ -233,29 +242,54 @@ def export(
     min_weight: float | None = typer.Option(
         None, "--min-weight", help="With --weights compat: drop alpha below this."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="With --out: replace an earlier export."),
+    shard_rows: int | None = typer.Option(
+        None, "--shard-rows", help="With --out: rows per Parquet shard (a shard also ends at ~500 MB)."
+    ),
+    license: str | None = typer.Option(
+        None, "--license", help="With --out: the card's license id (none stated unless given)."
+    ),
 ) -> None:
-    """Write a run's traces as chat-format fine-tuning data, one example per line."""
-    from cordgen.export import export_run
-
+    """Write a run's traces as chat-format fine-tuning data: a JSONL file or a dataset folder."""
+    options = dict(
+        format=format,
+        only_correct=only_correct,
+        max_perplexity=max_perplexity,
+        system_prompt=system_prompt,
+        think_tags=think_tags,
+        include_unfinished=include_unfinished,
+        weights=weights,
+        min_weight=min_weight,
+    )
+    folder_options = dict(overwrite=overwrite, shard_rows=shard_rows, license=license)
     with one_line_errors():
-        report = export_run(
-            run,
-            jsonl,
-            format=format,
-            only_correct=only_correct,
-            max_perplexity=max_perplexity,
-            system_prompt=system_prompt,
-            think_tags=think_tags,
-            include_unfinished=include_unfinished,
-            weights=weights,
-            min_weight=min_weight,
-        )
-    dropped = ", ".join(f"{reason} {count}" for reason, count in report.dropped.items())
+        report = write_export(run, jsonl, out, folder_options, options)
+    dropped = report.dropped_summary()
     typer.echo(
-        f"exported {report.kept} of {report.total} traces to {jsonl}"
+        f"exported {report.kept} of {report.total} traces to {jsonl or out}"
         + (f" (dropped: {dropped})" if dropped else ""),
         err=True,
     )
+
+
+def write_export(
+    run: Path, jsonl: Path | None, out: Path | None, folder_options: dict, options: dict
+) -> ExportReport:
+    """Exactly one of the outputs; the folder's own options are refused with --jsonl rather than
+    ignored."""
+    from cordgen.export import export_run
+    from cordgen.export_hf import export_dataset
+
+    if (jsonl is None) == (out is None):
+        raise CordgenError(
+            "give one of --jsonl FILE (JSON lines) or --out DIR (a Hugging Face dataset folder)"
+        )
+    if jsonl is not None:
+        given = [name for name, value in folder_options.items() if value is not None and value is not False]
+        if given:
+            raise CordgenError(f"--{given[0].replace('_', '-')}: only with --out DIR, not --jsonl")
+        return export_run(run, jsonl, **options)
+    return export_dataset(run, out, **folder_options, **options)
 
 
 @app.command()

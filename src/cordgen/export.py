@@ -1,9 +1,11 @@
-"""A run's traces as supervised fine-tuning data: one chat example per problem, in JSONL.
+"""A run's traces as supervised fine-tuning data: one chat example per problem, in JSONL here or
+as a Hugging Face dataset folder (`cordgen.export_hf`), from the same rows.
 
 The thinking is rendered with the run's own step markers and think tags, so a student learns the
 format its teachers wrote in. Every row has the same metadata keys and JSON types, so `datasets`
-infers one schema without being given features. Where `cordgen score` has written scores.jsonl,
-its scores and grades replace the search-time ones stored in the records.
+infers one schema from the JSONL without being given features; `features` states it for Parquet.
+Where `cordgen score` has written scores.jsonl, its scores and grades replace the search-time ones
+stored in the records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import orjson
 from pydantic import BaseModel
@@ -23,6 +25,9 @@ from cordgen.errors import CordgenError
 from cordgen.prompts import render_steps
 from cordgen.records import CompatRecord, ScoreRecord, TraceRecord, TrajectoryRecord
 from cordgen.store import CONFIG, RESULTS, SCORES, RunDirectory, load_scores
+
+if TYPE_CHECKING:
+    import datasets
 
 ExportFormat = Literal["messages", "sharegpt"]
 Weights = Literal["none", "compat"]
@@ -36,6 +41,10 @@ class ExportReport(BaseModel):
     @property
     def total(self) -> int:
         return self.kept + sum(self.dropped.values())
+
+    def dropped_summary(self) -> str:
+        """`unfinished 1, not correct 2`, in the order the reasons were first met."""
+        return ", ".join(f"{reason} {count}" for reason, count in self.dropped.items())
 
 
 def step_format(run: RunDirectory) -> StepFormat:
@@ -79,6 +88,34 @@ def metadata(record: TraceRecord, result: TrajectoryRecord, scored: ScoreRecord 
         "predicted_answer": predicted,
         "num_tokens": result.num_tokens,
     }
+
+
+def features(format: ExportFormat, weighted: bool) -> datasets.Features:
+    """The rows' types, stated rather than inferred: a field that is null in every row of one run
+    (`correct` before scoring) keeps its type, and every export with the same options has the
+    same schema. The keys are `example`'s and `metadata`'s."""
+    from datasets import Features, Value
+
+    string, number = Value("string"), Value("float64")
+    meta = {
+        "id": string,
+        "gold_answer": string,
+        "strategy": string,
+        "teachers": [string],
+        "step_scores": [number],
+        "score": number,
+        "perplexity": number,
+        "correct": Value("bool"),
+        "predicted_answer": string,
+        "num_tokens": Value("int64"),
+    }
+    if weighted:
+        meta |= {"rationale": Value("int64"), "weight": number}
+    if format == "sharegpt":
+        return Features(
+            {"system": string, "conversations": [{"from": string, "value": string}], "metadata": meta}
+        )
+    return Features({"messages": [{"role": string, "content": string}], "metadata": meta})
 
 
 @dataclass(frozen=True)
@@ -142,40 +179,40 @@ def check_target(run: RunDirectory, out: Path) -> None:
         raise CordgenError(f"{out}: would replace the run's own records; choose another --jsonl")
 
 
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
-    *,
-    format: ExportFormat = "messages",
-    only_correct: bool = False,
-    max_perplexity: float | None = None,
-    system_prompt: str | None = None,
-    think_tags: bool = True,
-    include_unfinished: bool = False,
-    weights: Weights = "none",
-    min_weight: float | None = None,
-) -> ExportReport:
-    """Writes one training example per kept trace to `out`, all of them or, on any error, nothing.
-    With `weights="compat"` every rationale the run kept (its result and its alternatives) is an
-    example, weighted by the alpha `cordgen compat` gave it."""
-    run, out = RunDirectory(run_dir), Path(out)
-    if format not in FORMATS:
-        raise CordgenError(f"--format: {format!r} is not one of: {', '.join(FORMATS)}")
-    if not run.results_path.is_file():
-        raise CordgenError(f"{run.path}: no {RESULTS}; not a cordgen run directory")
-    scores = load_scores(run.path / SCORES)
-    if only_correct and scores is None:
-        raise CordgenError(
-            f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
+@dataclass(frozen=True)
+class RowOptions:
+    """How traces become rows and which stay out: one set of options for every output."""
+
+    format: ExportFormat = "messages"
+    only_correct: bool = False
+    max_perplexity: float | None = None
+    system_prompt: str | None = None
+    think_tags: bool = True
+    include_unfinished: bool = False
+    weights: Weights = "none"
+    min_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """A run checked and read for export, so that every refusal comes before the first write."""
+
+    run: RunDirectory
+    options: RowOptions
+    scores: dict[str, ScoreRecord] | None
+    compat: dict[tuple[str, int], float] | None
+    fmt: StepFormat
+
+    def rows(self, report: ExportReport) -> Iterator[dict[str, Any]]:
+        """One training example per kept trace, in the run's order; `report` counts kept and dropped.
+        With `weights="compat"` every rationale the run kept (its result and its alternatives) is an
+        example, weighted by the alpha `cordgen compat` gave it."""
+        options, compat = self.options, self.compat
+        filters = Filters(
+            options.only_correct, options.max_perplexity, options.include_unfinished, options.min_weight
         )
-    compat = compat_alphas(run, weights, min_weight)
-    check_target(run, out)
-    fmt = step_format(run)
-    filters = Filters(only_correct, max_perplexity, include_unfinished, min_weight)
-    report = ExportReport(kept=0, dropped={})
-    with atomic_output(out) as handle:
-        for record in run.records():
-            scored = scores.get(record.id) if scores is not None else None
+        for record in self.run.records():
+            scored = self.scores.get(record.id) if self.scores is not None else None
             for source, trajectory in exported(record, compat is not None):
                 meta = metadata(record, trajectory, scored if source == 0 else None)
                 if compat is not None:
@@ -185,11 +222,36 @@ def export_run(
                 if reason is not None:
                     report.dropped[reason] = report.dropped.get(reason, 0) + 1
                     continue
-                text = assistant_text(trajectory, fmt, think_tags)
-                handle.write(
-                    orjson.dumps(example(record.question, text, meta, format, system_prompt)) + b"\n"
-                )
+                text = assistant_text(trajectory, self.fmt, options.think_tags)
                 report.kept += 1
+                yield example(record.question, text, meta, options.format, options.system_prompt)
+
+
+def open_rows(run_dir: str | Path, options: RowOptions) -> RowSource:
+    run = RunDirectory(run_dir)
+    if options.format not in FORMATS:
+        folder_only = " (hf: with --out DIR)" if options.format == "hf" else ""
+        raise CordgenError(f"--format: {options.format!r} is not one of: {', '.join(FORMATS)}{folder_only}")
+    if not run.results_path.is_file():
+        raise CordgenError(f"{run.path}: no {RESULTS}; not a cordgen run directory")
+    scores = load_scores(run.path / SCORES)
+    if options.only_correct and scores is None:
+        raise CordgenError(
+            f"{run.path}: no {SCORES} to tell correct traces; run `cordgen score {run.path}` first"
+        )
+    compat = compat_alphas(run, options.weights, options.min_weight)
+    return RowSource(run, options, scores, compat, step_format(run))
+
+
+def export_run(run_dir: str | Path, out: str | Path, **options: Any) -> ExportReport:
+    """Writes `RowSource.rows` to the JSONL file `out`, all of them or, on any error, nothing.
+    `options` are `RowOptions`' fields."""
+    source, out = open_rows(run_dir, RowOptions(**options)), Path(out)
+    check_target(source.run, out)
+    report = ExportReport(kept=0, dropped={})
+    with atomic_output(out) as handle:
+        for row in source.rows(report):
+            handle.write(orjson.dumps(row) + b"\n")
     return report
 
 
