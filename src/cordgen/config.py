@@ -237,10 +237,18 @@ class SearchConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    path: str | None = Field(None, json_schema_extra=THROUGHPUT)  # the content hash is checked instead
+    path: str | None = Field(
+        None,
+        description="JSONL, JSON, Parquet, a folder of them, a save_to_disk folder or hf:NAME[:CONFIG]",
+        json_schema_extra=THROUGHPUT,  # the content hash is checked instead
+    )
+    split: str = Field("train", min_length=1, description="the split of a dataset (hf: or save_to_disk)")
     id_field: str = "id"
     question_field: str = "question"
     answer_field: str = "answer"
+    answer_from: str | None = Field(
+        None, min_length=1, description="take the gold answer from the last \\boxed{} of this field's text"
+    )
 
 
 class OutputConfig(StrictModel):
