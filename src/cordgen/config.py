@@ -285,6 +285,7 @@ class Recipe(StrictModel):
         return self
 
 
+INPUT_OVERRIDES = ("split", "id_field", "question_field", "answer_field", "answer_from")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -404,7 +405,8 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     """The recipe file (if any) with command-line overrides applied and validated again.
 
     `overrides` keys: teachers (list of names/models), scorer, input, out, beam_width,
-    max_steps, strategy, seed; None means "keep the recipe's". Without a recipe, the first
+    max_steps, strategy, seed, and the `input:` settings split, id_field, question_field,
+    answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
     teacher also scores, as the paper's strongest teacher does.
     """
     recipe = load_recipe(path) if path is not None else None
@@ -427,8 +429,12 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
             search[key] = given[key]
     if "seed" in given:
         data["seed"] = given["seed"]
+    inputs = data.setdefault("input", {})
     if "input" in given:
-        data.setdefault("input", {})["path"] = str(given["input"])
+        inputs["path"] = str(given["input"])
+    for key in INPUT_OVERRIDES:
+        if key in given:
+            inputs[key] = given[key]
     if "out" in given:
         data.setdefault("output", {})["path"] = str(given["out"])
     return _validated(data, "command line" if recipe is None else f"{path} with command-line overrides")
