@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console(stderr=True)
     base = load_recipe(args.config)
-    problems = load_problems(base.input.path)[: args.problems]
+    problems = load_problems(base.input.path).problems[: args.problems]
     demo = {p.question: task.parse_question(p.question) for p in problems}
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]

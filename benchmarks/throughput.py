@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(stderr=True)
     recipe = load_recipe(args.config)
     counts = [int(c) for c in args.counts.split(",")]
-    problems = load_problems(recipe.input.path)[: max(counts)]
+    problems = load_problems(recipe.input.path).problems[: max(counts)]
     pool = EnginePool(recipe.placement.mode)
     try:
         synthesize_timed(problems[:2], recipe, pool)  # loads the engines and warms them up

@@ -24,7 +24,12 @@ ROW = {"id": "x", "question": "Q?", "answer": "1"}
 # (name, files to write, extra arguments, expected text in the message)
 CASES = [
     ("missing input", {}, ["-i", "{tmp}/nope.jsonl"], "nope.jsonl: input file not found"),
-    ("input is a directory", {}, ["-i", "{tmp}/models"], "models: input path is a directory"),
+    (
+        "input folder without input files",
+        {},
+        ["-i", "{tmp}/models"],
+        "models: no .jsonl, .json or .parquet files in the input folder",
+    ),
     (
         "invalid JSON",
         {"bad.jsonl": jsonl(ROW, b'{"id": 2,')},

@@ -55,13 +55,13 @@ def load_error(path: Path, **fields: str) -> str:
     ids=["string-ids", "int-ids", "ids-from-line-numbers", "numeric-answers", "unicode"],
 )
 def test_valid_files_load_in_order(tmp_path, content, expected):
-    assert load_problems(write(tmp_path, content)) == expected
+    assert load_problems(write(tmp_path, content)).problems == expected
 
 
 def test_configured_field_names(tmp_path):
     path = write(tmp_path, '{"uid": "u1", "problem": "Q", "solution": "4", "id": "ignored"}')
-    problems = load_problems(path, id_field="uid", question_field="problem", answer_field="solution")
-    assert problems == [Problem("u1", "Q", "4")]
+    loaded = load_problems(path, id_field="uid", question_field="problem", answer_field="solution")
+    assert loaded.problems == [Problem("u1", "Q", "4")]
 
 
 @pytest.mark.parametrize(
@@ -120,13 +120,14 @@ def test_missing_file(tmp_path):
     assert load_error(path) == f"{path}: input file not found"
 
 
-def test_directory_instead_of_file(tmp_path):
-    assert load_error(tmp_path) == f"{tmp_path}: input path is a directory, not a JSONL file"
+def test_folder_without_input_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    assert load_error(tmp_path) == f"{tmp_path}: no .jsonl, .json or .parquet files in the input folder"
 
 
 def test_accepts_a_string_path(tmp_path):
     path = write(tmp_path, OK)
-    assert load_problems(str(path)) == [Problem("1", "Q", "a")]
+    assert load_problems(str(path)).problems == [Problem("1", "Q", "a")]
 
 
 def test_shard_of_is_pinned_across_processes_and_versions():

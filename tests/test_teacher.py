@@ -99,8 +99,9 @@ def test_teachers_with_different_tokenizers_continue_the_same_trajectory(alpha_m
 def test_a_batch_larger_than_one_scheduler_step_samples_every_seeded_request(alpha_model, problems):
     """vLLM's CPU runner crashed when a seeded prompt was split over two steps; the engine turns
     chunked prefill off on CPU, so such a batch must come back whole."""
-    from cordgen.engines.vllm_local import vllm_engine_kwargs
     from vllm.platforms import current_platform
+
+    from cordgen.engines.vllm_local import vllm_engine_kwargs
 
     if current_platform.is_cpu():
         assert vllm_engine_kwargs(alpha_model.settings)["enable_chunked_prefill"] is False

@@ -112,8 +112,21 @@ def synth(
     scorer: str | None = typer.Option(
         None, "--scorer", help="Scorer: the recipe's, a teacher's name, or a model."
     ),
-    input: Path | None = typer.Option(
-        None, "--input", "-i", help="JSONL of problems (id, question, answer)."
+    input: str | None = typer.Option(
+        None,
+        "--input",
+        "-i",
+        help="Problems: .jsonl, .json or .parquet, a folder of those, a save_to_disk folder, "
+        "or hf:NAME[:CONFIG] (a Hub dataset or a local dataset repository).",
+    ),
+    split: str | None = typer.Option(None, "--split", help="Split of a dataset input (default: train)."),
+    question_field: str | None = typer.Option(None, "--question-field", help="Field of the question."),
+    answer_field: str | None = typer.Option(None, "--answer-field", help="Field of the gold answer."),
+    answer_from: str | None = typer.Option(
+        None, "--answer-from", help="Take the gold answer from the last \\boxed{} of this field's text."
+    ),
+    id_field: str | None = typer.Option(
+        None, "--id-field", help="Field of the id (default: the line or row number)."
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to write."),
     beam_width: int | None = typer.Option(None, "--beam-width", help="B: trajectories kept per problem."),
@@ -146,6 +159,11 @@ def synth(
         max_steps=max_steps,
         strategy=strategy,
         seed=seed,
+        split=split,
+        id_field=id_field,
+        question_field=question_field,
+        answer_field=answer_field,
+        answer_from=answer_from,
     )
     with one_line_errors():
         resolved = fit_recipe_to_host(resolve_recipe(config, overrides))
@@ -166,8 +184,8 @@ def run_synth(plan, quiet: bool, verbose: bool) -> None:
     from cordgen.synth import GracefulStop, Interrupted, NoObserver, execute
 
     console = Console(stderr=True, quiet=quiet)
-    for note in plan.notes:
-        console.print(note, highlight=False)
+    for note in plan.notes:  # even when quiet: they say what this run will and will not do
+        typer.echo(note, err=True)
     if not plan.todo:
         console.print(f"all {len(plan.problems)} problems are already in {plan.run_dir.results_path}")
         return

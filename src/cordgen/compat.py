@@ -173,8 +173,8 @@ def rationales_of_jsonl(
     rows = problem_rows(
         path, id_field=fields.id, question_field=fields.question, answer_field=fields.answer, unique_ids=False
     )
-    for problem, row, line_no in rows:
-        where = f"{path}:{line_no}"
+    for problem, row, place in rows:
+        where = str(place)
         steps, _ = split_response(fmt, assistant_text(row, fields, where))
         teacher = row.get(teacher_field, "unknown")
         if not isinstance(teacher, str) or not teacher:
@@ -190,7 +190,7 @@ def rationales_of_jsonl(
                     problem.id,
                     problem.question,
                     problem.answer,
-                    line_no,
+                    place.index,
                     teacher,
                     steps,
                     (teacher,) * len(steps),

@@ -21,6 +21,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Marks a setting that changes speed or memory but never results: it stays out of the semantic
 # hash, so a resumed run may change it.
 THROUGHPUT: dict[str, Any] = {"throughput": True}
+# Marks a setting added after runs were made with its default: it enters the semantic hash only
+# when set to something else, so those runs still resume.
+HASHED_UNLESS_DEFAULT: dict[str, Any] = {"hashed_unless_default": True}
 
 
 class StrictModel(BaseModel):
@@ -238,10 +241,26 @@ class SearchConfig(StrictModel):
 
 
 class InputConfig(StrictModel):
-    path: str | None = Field(None, json_schema_extra=THROUGHPUT)  # the content hash is checked instead
+    path: str | None = Field(
+        None,
+        description="JSONL, JSON, Parquet, a folder of them, a save_to_disk folder or hf:NAME[:CONFIG]",
+        json_schema_extra=THROUGHPUT,  # the content hash is checked instead
+    )
+    split: str = Field(
+        "train",
+        min_length=1,
+        description="the split of a dataset (hf: or save_to_disk)",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
     id_field: str = "id"
     question_field: str = "question"
     answer_field: str = "answer"
+    answer_from: str | None = Field(
+        None,
+        min_length=1,
+        description="take the gold answer from the last \\boxed{} of this field's text",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
 
 
 class OutputConfig(StrictModel):
@@ -285,6 +304,7 @@ class Recipe(StrictModel):
         return self
 
 
+INPUT_OVERRIDES = ("split", "id_field", "question_field", "answer_field", "answer_from")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -404,7 +424,8 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     """The recipe file (if any) with command-line overrides applied and validated again.
 
     `overrides` keys: teachers (list of names/models), scorer, input, out, beam_width,
-    max_steps, strategy, seed; None means "keep the recipe's". Without a recipe, the first
+    max_steps, strategy, seed, and the `input:` settings split, id_field, question_field,
+    answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
     teacher also scores, as the paper's strongest teacher does.
     """
     recipe = load_recipe(path) if path is not None else None
@@ -427,8 +448,12 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
             search[key] = given[key]
     if "seed" in given:
         data["seed"] = given["seed"]
+    inputs = data.setdefault("input", {})
     if "input" in given:
-        data.setdefault("input", {})["path"] = str(given["input"])
+        inputs["path"] = str(given["input"])
+    for key in INPUT_OVERRIDES:
+        if key in given:
+            inputs[key] = given[key]
     if "out" in given:
         data.setdefault("output", {})["path"] = str(given["out"])
     return _validated(data, "command line" if recipe is None else f"{path} with command-line overrides")
@@ -438,9 +463,11 @@ def semantic_view(model: BaseModel) -> dict[str, Any]:
     """The settings that change results (models, prompts, search, sampling, seeds), as plain data."""
     view: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
-        if field.json_schema_extra == THROUGHPUT:
-            continue
         value = getattr(model, name)
+        if field.json_schema_extra == THROUGHPUT or (
+            field.json_schema_extra == HASHED_UNLESS_DEFAULT and value == field.default
+        ):
+            continue
         if isinstance(value, BaseModel):
             value = semantic_view(value)
         elif isinstance(value, list):

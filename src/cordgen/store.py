@@ -46,9 +46,10 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 class InputInfo(BaseModel):
-    path: str
-    sha256: str
+    path: str  # a resolved path, or hf:NAME[:CONFIG]
+    sha256: str  # of the file, of a folder's files, or of a Hub dataset's fingerprint
     problems: int
+    unanswered: list[str] = []  # ids of rows skipped: no \boxed{} answer in `input.answer_from`
 
 
 class Manifest(BaseModel):
@@ -231,15 +232,16 @@ class MergeReport(BaseModel):
 
 
 def input_ids(manifest: Manifest) -> list[str] | None:
-    """The input's ids in file order, if the input is still where the run read it, unchanged."""
-    from cordgen.problems import file_digest, load_problems
+    """The input's ids in input order, if the input is still where the run read it, unchanged."""
+    from cordgen.problems import load_problems
 
-    path = Path(manifest.input.path)
-    if not path.is_file() or file_digest(path) != manifest.input.sha256:
-        return None
     fields = manifest.semantic_config.get("input", {})
-    keys = ("id_field", "question_field", "answer_field")
-    return [p.id for p in load_problems(path, **{k: fields[k] for k in keys if k in fields})]
+    keys = ("split", "id_field", "question_field", "answer_field", "answer_from")
+    try:
+        loaded = load_problems(manifest.input.path, **{k: fields[k] for k in keys if k in fields})
+    except CordgenError:  # gone, or no longer readable as it was
+        return None
+    return [p.id for p in loaded.problems] if loaded.digest == manifest.input.sha256 else None
 
 
 def merge_runs(sources: Sequence[str | Path], out: str | Path, overwrite: bool = False) -> MergeReport:

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -34,7 +33,7 @@ from cordgen.engines import (
 )
 from cordgen.engines.placement import check_placement, visible_device_count
 from cordgen.errors import ConfigError, CordgenError
-from cordgen.problems import Problem, Shard, file_digest, load_problems
+from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
 from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, out_of_context
@@ -494,17 +493,13 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
         raise ConfigError("no output: give --out or output.path in the recipe")
     check_sources(recipe)
     check_placement(recipe, visible_device_count)
-    fields = recipe.input
-    problems = load_problems(
-        fields.path,
-        id_field=fields.id_field,
-        question_field=fields.question_field,
-        answer_field=fields.answer_field,
-    )
-    notes = tuple(window_notes(recipe, problems))
-    chosen = tuple(p for p in problems if shard is None or shard.holds(p))
+    loaded = load_problems(recipe.input.path, **recipe.input.model_dump(exclude={"path"}))
+    notes = tuple(window_notes(recipe, loaded.problems))
+    if loaded.unanswered:
+        notes += (describe_unanswered(loaded.unanswered, recipe.input.answer_from),)
+    chosen = tuple(p for p in loaded.problems if shard is None or shard.holds(p))
     info = InputInfo(
-        path=str(Path(fields.path).resolve()), sha256=file_digest(fields.path), problems=len(problems)
+        path=loaded.name, sha256=loaded.digest, problems=len(loaded.problems), unanswered=loaded.unanswered
     )
     run_dir = RunDirectory(recipe.output.path)
     shard_name = str(shard) if shard else None
