@@ -22,7 +22,7 @@ from math_verify import parse, verify
 from sympy import Basic, MatrixBase
 
 from cordgen.answers import extract_answer
-from cordgen.lifetime import die_with_parent
+from cordgen.lifetime import exit_with
 from cordgen.records import Grade
 
 TEXT_COMMAND = re.compile(r"\\text(?:bf|rm)?\{([^{}]*)\}")
@@ -131,14 +131,16 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     first item's time."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_grader)
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_grader, initargs=(os.getpid(),)
+    )
 
 
-def _start_grader() -> None:
-    """A grader goes when the fork server that started it goes, which goes (its pipe to cordgen
-    closed) when cordgen dies. math-verify's only warnings are that its own timeouts are off,
-    which is deliberate here."""
-    die_with_parent()
+def _start_grader(cordgen_pid: int) -> None:
+    """A grader's parent is the fork server, which lives as long as any grader holds its pipe to
+    cordgen: so each grader watches cordgen itself and goes with it. math-verify's only warnings
+    are that its own timeouts are off, which is deliberate here."""
+    exit_with(cordgen_pid)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
+import threading
+import time
 
 PR_SET_PDEATHSIG = 1
 
@@ -23,3 +26,20 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(1)
+
+
+def exit_with(pid: int) -> None:
+    """End this process when process `pid` ends, for a process whose parent is not cordgen (a
+    fork server's child): a thread waits on the process's pidfd, or polls where there is none."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            while os.path.exists(f"/proc/{pid}"):
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cordgen-exit-with-parent", daemon=True).start()

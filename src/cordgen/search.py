@@ -176,7 +176,7 @@ class ProblemSearch:
         of the others, then close beams that spent the thinking budget. `full` holds the parents
         a teacher had no room to continue; a candidate scored None did not fit the scorer's
         window, and a parent left with no scorable candidate is out of context too."""
-        scored = [(c, s) for c, s in zip(candidates, scores) if s is not None]
+        scored = [(c, s) for c, s in zip(candidates, scores) if s is not None and c.parent not in full]
         unscorable = {c.parent for c, s in zip(candidates, scores) if s is None}
         full = full | (unscorable - {c.parent for c, _ in scored})
         closed = tuple(self.frontier[i].close(ClosedBy.CONTEXT) for i in sorted(full))

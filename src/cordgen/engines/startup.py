@@ -16,7 +16,9 @@ KNOWN_CAUSES: tuple[tuple[re.Pattern[str], str], ...] = (
         "block_size {0} is not supported by the attention backend ({1}); leave block_size unset",
     ),
     (
-        re.compile(r"\((\S+) GiB\) on startup is less than desired CPU memory utilization \(([\d.]+)"),
+        re.compile(
+            r"\(([\d.]+)/[\d.]+ GiB\) on startup is less than desired CPU memory utilization \(([\d.]+)"
+        ),
         "{0} GiB of host memory is free, less than gpu_memory_utilization {1} asks for; leave "
         "gpu_memory_utilization unset (cordgen then sizes the KV cache from free memory) or set "
         "kv_cache_memory_bytes",

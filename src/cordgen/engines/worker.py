@@ -45,6 +45,20 @@ def send_output_to(log_path: Path) -> None:
     os.close(fd)
 
 
+def own_resource_tracker() -> None:
+    """A spawned process shares its parent's multiprocessing resource tracker, so the semaphores
+    of an engine killed mid-run would be reported on cordgen's terminal when cordgen exits. The
+    worker drops the inherited tracker (a private attribute: the module offers no other way) and
+    starts its own on first use, whose report lands in the engine log."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(tracker._fd)
+        tracker._fd = None
+
+
 def serve(
     settings: EngineSettings, conn: Connection, parent_pid: int, log_path: Path | None, label: str
 ) -> None:
@@ -54,6 +68,7 @@ def serve(
     if log_path is not None:
         send_output_to(log_path)
         print(f"=== cordgen engine {label} ({settings.model}), pid {os.getpid()}", flush=True)
+    own_resource_tracker()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if settings.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpus)
