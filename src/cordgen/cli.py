@@ -350,13 +350,13 @@ def run_score(plan, batch_size: int, timeout: float, quiet: bool, verbose: bool)
     from rich.console import Console
     from rich.progress import Progress
 
-    from cordgen.progress import score_summary
+    from cordgen.progress import progress_bar, score_summary
     from cordgen.scoring import execute_scoring
     from cordgen.store import load_scores
 
     console = Console(stderr=True, quiet=quiet)
     computed = 0
-    with Progress(console=console, disable=quiet) as progress:
+    with progress_bar(Progress(console=console, disable=quiet)) as progress:
         task = progress.add_task("score", total=len(plan.traces), completed=len(plan.traces) - len(plan.todo))
 
         def advance(records, tokens: int) -> None:
@@ -439,7 +439,7 @@ def run_compat_pass(plan, batch_problems: int, quiet: bool) -> None:
     from rich.progress import Progress
 
     from cordgen.compat import load_compat, run_compat, teacher_summary
-    from cordgen.progress import compat_table
+    from cordgen.progress import compat_table, progress_bar
     from cordgen.student import load_student, student_chat
 
     console = Console(stderr=True, quiet=quiet)
@@ -447,7 +447,7 @@ def run_compat_pass(plan, batch_problems: int, quiet: bool) -> None:
         model, tokenizer = load_student(plan.student)
         chat = student_chat(tokenizer, plan.student, plan.fmt)
         done = len(plan.problems) - len(plan.todo)
-        with Progress(console=console, disable=quiet) as progress:
+        with progress_bar(Progress(console=console, disable=quiet)) as progress:
             task = progress.add_task("compat", total=len(plan.problems), completed=done)
             run_compat(
                 plan, model, chat, lambda records: progress.advance(task, len(records)), batch_problems

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -36,6 +37,23 @@ def throughput(report: RoundReport) -> str:
     return " · ".join(parts)
 
 
+def cleared_on_failure(progress: Progress, failed: bool) -> None:
+    """Stops the bar; after a failure it is cleared, so the error is the only line left."""
+    progress.live.transient = failed
+    progress.stop()
+
+
+@contextmanager
+def progress_bar(progress: Progress) -> Iterator[Progress]:
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        cleared_on_failure(progress, True)
+        raise
+    cleared_on_failure(progress, False)
+
+
 class RichProgress:
     """Problems done / total with ETA; the status line shows the round, live beams and each
     engine's tokens per second (teachers: generated, scorer: prompt tokens read)."""
@@ -59,7 +77,7 @@ class RichProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        cleared_on_failure(self.progress, exc[0] is not None)
 
     def round_finished(self, report: RoundReport) -> None:
         status = f"round {report.round} · {report.live_beams} beams · {throughput(report)}"
