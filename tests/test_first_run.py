@@ -71,7 +71,7 @@ def test_models_named_on_the_command_line_run_on_this_cpu_machine(long_window_mo
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "run" / "results.jsonl").read_bytes().splitlines()
     assert sorted(orjson.loads(line)["id"] for line in lines) == ["q0", "q1", "q2", "q3"]
-    assert "tokens of thinking for the longest question (thinking_budget 16384)" in result.stderr
+    assert "context windows leave less thinking than thinking_budget 16384" in result.stderr
 
     trace_rows = [
         orjson.loads(line) | {"response": "<think>\n### Step 1. 3 + 4 = 7\n</think> The final answer is 7."}
@@ -177,7 +177,7 @@ def test_beams_that_outgrow_the_window_close_and_every_problem_finishes(
     from cordgen.synth import NoObserver, execute, plan_run
 
     plan = plan_run(small_window_recipe(tiny_model_dirs, tmp_path, 110))
-    assert any("window leaves" in note and "closed_by: context" in note for note in plan.notes)
+    assert any("less thinking than" in note and "closed_by: context" in note for note in plan.notes)
     execute(plan, NoObserver(), lambda records: None, pool=small_window_pool)
     records = list(RunDirectory(tmp_path / "run").records())
     assert len(records) == 12

@@ -22,7 +22,7 @@ from cordgen.engines.placement import (
 from cordgen.engines.startup import start_failure
 from cordgen.errors import ConfigError
 from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, out_of_context
-from cordgen.windows import engine_window, thinking_room
+from cordgen.windows import capped_note, engine_window, thinking_room
 
 STEP, END, CONTEXT = FinishReason.STEP, FinishReason.END_OF_THINKING, FinishReason.CONTEXT
 MiB, GiB = 1 << 20, 1 << 30
@@ -285,14 +285,17 @@ class TestFitEnginesToHost:
 
 
 class TestWindows:
-    def test_a_budget_that_fits_gives_no_note(self):
-        assert thinking_room("t0", 1024, 224, "detail", 800) is None
+    def test_the_room_is_what_the_window_leaves(self):
+        assert thinking_room("t0", 1024, 224, "detail") == 800
 
-    def test_a_window_smaller_than_the_budget_gives_a_note_with_the_numbers(self):
-        note = thinking_room("t0", 1024, 500, "detail", 800)
+    def test_budgets_that_fit_give_no_note(self):
+        assert capped_note({"t0": 800, "scorer": 900}, 800) == []
+
+    def test_windows_smaller_than_the_budget_give_one_note_with_the_numbers(self):
+        (note,) = capped_note({"t0": 524, "t1": 900, "scorer": 700}, 800)
         assert note.startswith(
-            "t0: its 1024-token window leaves 524 tokens of thinking for the longest question "
-            "(thinking_budget 800);"
+            "context windows leave less thinking than thinking_budget 800 on the longest question "
+            "(t0 524, scorer 700 tokens):"
         )
         assert "closed_by: context" in note
 
@@ -302,7 +305,7 @@ class TestWindows:
             r"\(a prompt take 1024\); raise max_model_len"
         )
         with pytest.raises(ConfigError, match=message):
-            thinking_room("t0", 1024, 1024, "a prompt", 800)
+            thinking_room("t0", 1024, 1024, "a prompt")
 
     @pytest.fixture
     def model_dir(self, tmp_path):

@@ -50,31 +50,36 @@ def engine_window(name: str, settings: EngineSettings) -> int | None:
     return settings.max_model_len or limit
 
 
-def thinking_room(name: str, window: int, used: int, detail: str, budget: int) -> str | None:
-    """A note when the window caps the thinking budget; refusal when it leaves no room at all."""
+def thinking_room(name: str, window: int, used: int, detail: str) -> int:
+    """The tokens of thinking a window leaves beside `used`; refusal when it leaves none."""
     left = window - used
     if left <= 0:
         raise ConfigError(
             f"{name}: max_model_len {window} leaves no room to think on the longest question "
             f"({detail} take {used}); raise max_model_len or lower those limits"
         )
-    if left >= budget:
-        return None
-    return (
-        f"{name}: its {window}-token window leaves {left} tokens of thinking for the longest question "
-        f"(thinking_budget {budget}); a beam closes (closed_by: context) when its next step or answer "
-        "would not fit"
-    )
+    return left
+
+
+def capped_note(rooms: dict[str, int], budget: int) -> list[str]:
+    """One line naming the roles whose window leaves less thinking than the budget, if any."""
+    capped = {name: left for name, left in rooms.items() if left < budget}
+    if not capped:
+        return []
+    listed = ", ".join(f"{name} {left}" for name, left in capped.items())
+    return [
+        f"context windows leave less thinking than thinking_budget {budget} on the longest question "
+        f"({listed} tokens): a beam closes (closed_by: context) when its next step or answer would not fit"
+    ]
 
 
 def window_notes(recipe: Recipe, problems: Sequence[Problem]) -> list[str]:
-    """One note per role whose window caps the thinking budget; ConfigError where none is left."""
+    """A note when windows cap the thinking budget; ConfigError where one leaves no room."""
     from cordgen.engines.pool import load_tokenizer
 
     longest = sorted(problems, key=lambda p: len(p.question), reverse=True)[:PROBED]
     longest += sorted(problems, key=lambda p: len(p.answer), reverse=True)[:PROBED]
-    budget = recipe.search.thinking_budget
-    notes = []
+    rooms: dict[str, int] = {}
     for role in recipe.teachers:
         window = engine_window(role.name, role.engine)
         if window is None:
@@ -83,7 +88,7 @@ def window_notes(recipe: Recipe, problems: Sequence[Problem]) -> list[str]:
         prompt = max(len(chat.step_prompt_ids(p.question, ())) for p in longest)
         step, answer = role.sampling.max_step_tokens, role.sampling.max_answer_tokens
         detail = f"a {prompt}-token prompt, max_step_tokens {step} and max_answer_tokens {answer}"
-        notes.append(thinking_room(role.name, window, prompt + step + answer, detail, budget))
+        rooms[role.name] = thinking_room(role.name, window, prompt + step + answer, detail)
     scorer = recipe.scorer
     window = engine_window(scorer.name, scorer.engine)
     if window is not None:
@@ -91,5 +96,5 @@ def window_notes(recipe: Recipe, problems: Sequence[Problem]) -> list[str]:
         prompts = [chat.scoring_ids(p.question, (), scorer.answer_suffix, p.answer) for p in longest]
         prompt = max(len(context) + len(answer) for context, answer in prompts)
         detail = f"a {prompt}-token scoring prompt with the answer"
-        notes.append(thinking_room(scorer.name, window, prompt + 1, detail, budget))
-    return [note for note in notes if note is not None]
+        rooms[scorer.name] = thinking_room(scorer.name, window, prompt + 1, detail)
+    return capped_note(rooms, recipe.search.thinking_budget)
