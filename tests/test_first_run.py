@@ -14,8 +14,6 @@ import orjson
 import pytest
 import yaml
 
-from cordgen.config import Recipe
-from cordgen.errors import ConfigError
 from tests.test_synth import recipe_data
 from tests.tiny_models import make_problems
 
@@ -150,35 +148,25 @@ def test_a_failure_inside_compat_is_one_line_with_the_run_status(tmp_path):
     assert one_line(result).startswith("error: OSError: ")
 
 
-@pytest.fixture(scope="module")
-def small_window_pool():
-    from cordgen.engines.pool import EnginePool
-
-    pool = EnginePool()
-    yield pool
-    pool.shutdown()
-
-
-def small_window_recipe(tiny_model_dirs, tmp_path: Path, window: int) -> Recipe:
+def write_small_window_recipe(tiny_model_dirs, tmp_path: Path, window: int) -> None:
     data = recipe_data(tiny_model_dirs, max_steps=30, thinking_budget=900, beam_width=2)
     for role in [*data["teachers"], data["scorer"]]:
         role["engine"] = role["engine"] | {"max_model_len": window}
     write_jsonl(tmp_path / "p.jsonl", problem_rows(12, 11))
-    data |= {"input": {"path": str(tmp_path / "p.jsonl")}, "output": {"path": str(tmp_path / "run")}}
-    return Recipe.model_validate(data)
+    data |= {"input": {"path": "p.jsonl"}, "output": {"path": "run"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
 
 
-def test_beams_that_outgrow_the_window_close_and_every_problem_finishes(
-    tiny_model_dirs, small_window_pool, tmp_path
-):
+def test_beams_that_outgrow_the_window_close_and_every_problem_finishes(tiny_model_dirs, tmp_path):
     """Unseen problems keep the tiny teachers writing until their 110-token windows are full: those
     beams close by context, their problems finish with their best beam, nothing fails."""
     from cordgen.store import RunDirectory
-    from cordgen.synth import NoObserver, execute, plan_run
 
-    plan = plan_run(small_window_recipe(tiny_model_dirs, tmp_path, 110))
-    assert any("less thinking than" in note and "closed_by: context" in note for note in plan.notes)
-    execute(plan, NoObserver(), lambda records: None, pool=small_window_pool)
+    write_small_window_recipe(tiny_model_dirs, tmp_path, 110)
+    result = cordgen("synth", "-c", "recipe.yaml", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (note,) = result.stderr.strip().splitlines()
+    assert "less thinking than thinking_budget 900" in note and "closed_by: context" in note
     records = list(RunDirectory(tmp_path / "run").records())
     assert len(records) == 12
     closed = [t.closed_by for r in records for t in [r.result, *r.alternatives]]
@@ -188,10 +176,13 @@ def test_beams_that_outgrow_the_window_close_and_every_problem_finishes(
 
 
 def test_a_window_with_no_room_for_one_step_is_refused_with_the_numbers(tiny_model_dirs, tmp_path):
-    from cordgen.synth import plan_run
-
-    with pytest.raises(ConfigError, match=r"alpha: max_model_len 48 leaves no room to think on the longest"):
-        plan_run(small_window_recipe(tiny_model_dirs, tmp_path, 48))
+    write_small_window_recipe(tiny_model_dirs, tmp_path, 48)
+    result = cordgen("synth", "-c", "recipe.yaml", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert one_line(result).startswith(
+        "error: alpha: max_model_len 48 leaves no room to think on the longest"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_demo_prints_progress_and_summary_not_engine_logs(tmp_path):

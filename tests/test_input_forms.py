@@ -305,3 +305,44 @@ def test_cli_lists_the_rows_it_skips(tmp_path, recipe_path, monkeypatch):
     assert result.stderr.strip() == "skipped 1 row without a \\boxed{} answer in 'solution': ids 2"
     assert [p.answer for p in planned[0].problems] == ["\\frac{1}{2}", "5", "\\sqrt{\\frac{16}{4}}"]
     assert planned[0].manifest.input.unanswered == ["2"]
+
+
+def numina_input(form: str, root: Path) -> Path | str:
+    """The NuminaMath-like rows in each form a user may have them."""
+    import datasets
+
+    if form == "jsonl":
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "n.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in NUMINA))
+        return root / "n.jsonl"
+    if form == "json":
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "n.json").write_bytes(orjson.dumps(NUMINA))
+        return root / "n.json"
+    if form == "parquet":
+        return write_parquet(root / "n.parquet", NUMINA)
+    if form == "folder":
+        write_parquet(root / "shards" / "train-0.parquet", NUMINA[:5])
+        write_parquet(root / "shards" / "train-1.parquet", NUMINA[5:])
+        return root / "shards"
+    if form == "save_to_disk":
+        datasets.Dataset.from_list(NUMINA).save_to_disk(str(root / "saved"))
+        return root / "saved"
+    return f"hf:{write_repository(root / 'repo', {'train': NUMINA})}"
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json", "parquet", "folder", "save_to_disk", "hf"])
+def test_cli_synth_plans_every_input_form(tmp_path, recipe_path, hf_cache, monkeypatch, form):
+    """Through the command line up to the run's start: the problems, the gold answers from the
+    boxed solutions and the run directory's first files, for each form."""
+    planned = []
+    monkeypatch.setattr("cordgen.synth.execute", lambda plan, *args, **kwargs: planned.append(plan))
+    source = numina_input(form, tmp_path / "data")
+    options = ("--question-field", "problem", "--answer-from", "solution", "--split", "train", "-q")
+    result = invoke(recipe_path, source, tmp_path / "run", *options)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    first_id = 1 if form == "jsonl" else 0  # a JSONL row is named by its line, others by their row
+    assert [(p.id, p.question, p.answer) for p in planned[0].problems] == [
+        (str(first_id + i), f"Start with {i}. Add 1.", str(i + 1)) for i in range(9)
+    ]
+    assert planned[0].manifest.input.problems == 9 and len(planned[0].manifest.input.sha256) == 64

@@ -4,7 +4,7 @@ one copy, and each engine runs where its settings and the placement say."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,10 +42,9 @@ class EnginePool:
         self._models: dict[EngineSettings, EngineModel] = {}
         self._labels: dict[EngineSettings, str] = {}
 
-    def load(self, engines: Mapping[EngineSettings, str] | Iterable[EngineSettings]) -> None:
-        """Starts the engines not loaded yet; a mapping gives each a label (the roles it
-        serves) for its log and errors."""
-        labels = dict(engines) if isinstance(engines, Mapping) else {e: e.model for e in engines}
+    def load(self, labels: Mapping[EngineSettings, str]) -> None:
+        """Starts the engines not loaded yet, each labelled (by the roles it serves) in its log
+        and errors."""
         self._labels.update(labels)
         todo = [e for e in labels if e not in self._models]
         if self.placement == "workers" or vllm_is_cpu_build():
