@@ -154,3 +154,17 @@ def test_lora_distill_recomputes_alpha_from_the_student_in_training(data, tmp_pa
     first, last = first_and_last_loss(manifest.losses)
     assert last < first and manifest.recomputed == 2  # at steps 4 and 8; none after the last step
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_failure_inside_distill_is_one_line_with_the_run_status(tmp_path, data):
+    """A student whose weights are missing fails after the data was read: one `error:` line and
+    exit status 3 (a run failure), not a traceback."""
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(DEMO_STUDENT, student, ignore=shutil.ignore_patterns("*.safetensors"))
+    args = ["distill", str(data), "--student", str(student), "--out", str(tmp_path / "o"), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: OSError: ") and line.endswith("(--debug shows the traceback)")
