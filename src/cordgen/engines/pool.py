@@ -4,6 +4,7 @@ one copy, and each engine runs where its settings and the placement say."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,14 @@ def load_tokenizer(settings: EngineSettings):
     )
 
 
+def cpu_threads_per_engine(engines: int) -> int | None:
+    """On a CPU build, the cores this process may use shared among the engines that start
+    together; None (vLLM's own binding) for a single engine."""
+    if engines <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // engines)
+
+
 class EnginePool:
     """Remote engines are clients in this process; every local engine runs in a worker process
     of its own that dies with this one (`engines/worker.py`), its output in `log_path`.
@@ -50,7 +59,9 @@ class EnginePool:
         if self.placement == "workers" or vllm_is_cpu_build():
             from cordgen.engines.worker import WorkerModel
 
-            started = {e: WorkerModel(e, labels[e], self.log_path) for e in todo if e.remote is None}
+            local = [e for e in todo if e.remote is None]
+            threads = cpu_threads_per_engine(len(local)) if vllm_is_cpu_build() else None
+            started = {e: WorkerModel(e, labels[e], self.log_path, threads) for e in local}
             try:
                 for model in started.values():
                     model.wait_ready()

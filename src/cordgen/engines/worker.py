@@ -59,8 +59,23 @@ def own_resource_tracker() -> None:
         tracker._fd = None
 
 
+def share_cpu_cores(threads: int | None) -> None:
+    """Several CPU engines on few cores: each computes with `threads` threads and no pinning.
+    vLLM pins every engine's threads to all the cores it finds, so engines that run at the same
+    time (every teacher in every round) oversubscribe them, and their thread barriers spin: three
+    demo teachers took 3.5x longer per round that way. A user's own binding is kept."""
+    if threads is not None and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 def serve(
-    settings: EngineSettings, conn: Connection, parent_pid: int, log_path: Path | None, label: str
+    settings: EngineSettings,
+    conn: Connection,
+    parent_pid: int,
+    log_path: Path | None,
+    label: str,
+    cpu_threads: int | None,
 ) -> None:
     """The worker's main loop: load the engine, then answer calls until told to stop."""
     os.setsid()
@@ -70,6 +85,7 @@ def serve(
         print(f"=== cordgen engine {label} ({settings.model}), pid {os.getpid()}", flush=True)
     own_resource_tracker()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    share_cpu_cores(cpu_threads)
     if settings.gpus is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpus)
     try:
@@ -101,10 +117,16 @@ def serve(
 class WorkerModel:
     """A VllmModel in a worker process, behind the same EngineModel surface."""
 
-    def __init__(self, settings: EngineSettings, label: str, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        label: str,
+        log_path: Path | None = None,
+        cpu_threads: int | None = None,
+    ) -> None:
         """Starts the worker and returns at once; `wait_ready` waits for its engine. Start it
         from the thread that lives as long as the run: the worker's parent-death signal fires
-        when the starting thread ends."""
+        when the starting thread ends. `cpu_threads`: see `share_cpu_cores`."""
         self.settings = settings
         self.label = label
         self.log_path = log_path
@@ -113,7 +135,7 @@ class WorkerModel:
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=serve,
-            args=(settings, child, os.getpid(), log_path, label),
+            args=(settings, child, os.getpid(), log_path, label, cpu_threads),
             name=f"cordgen-engine:{label}",
         )
         self.process.start()
