@@ -4,6 +4,7 @@ window checks and the recipe settings that came with them: all without an engine
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -364,3 +365,26 @@ class TestRecipeSettings:
     @pytest.mark.parametrize("settings", [{"split": "test"}, {"answer_from": "solution"}])
     def test_setting_a_new_input_setting_changes_the_hash(self, settings):
         assert semantic_hash(with_input(**settings)) != OLD_HASH
+
+
+class TestCpuCores:
+    def test_cpu_engines_starting_together_share_the_cores(self, monkeypatch):
+        from cordgen.engines.pool import cpu_threads_per_engine
+
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+        assert cpu_threads_per_engine(1) is None
+        assert [cpu_threads_per_engine(n) for n in (2, 3, 8, 16)] == [4, 2, 1, 1]
+
+    def test_an_engine_unpins_its_threads_unless_the_user_binds_them(self, monkeypatch):
+        from cordgen.engines.worker import share_cpu_cores
+
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")
+        share_cpu_cores(None)
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and os.environ["OMP_NUM_THREADS"] == "8"
+        share_cpu_cores(2)
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind" and os.environ["OMP_NUM_THREADS"] == "2"
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-3")
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")
+        share_cpu_cores(1)
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0-3" and os.environ["OMP_NUM_THREADS"] == "4"
