@@ -131,7 +131,9 @@ def test_synth_with_remote_engines_only_keeps_the_key_out_of_everything_written(
 ):
     engine = remote_engine(tiny_model_dirs, server)
     recipe = {
-        "teachers": [{"name": "alpha", "engine": engine, "sampling": {"max_step_tokens": 24, "max_answer_tokens": 16}}],
+        "teachers": [
+            {"name": "alpha", "engine": engine, "sampling": {"max_step_tokens": 24, "max_answer_tokens": 16}}
+        ],
         "scorer": {"name": "alpha", "engine": engine},
         "search": {"beam_width": 2, "max_steps": 6, "thinking_budget": 200},
     }
