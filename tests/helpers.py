@@ -8,9 +8,8 @@ import orjson
 import yaml
 
 from cordgen.config import Recipe
-from cordgen.engines import FinalAnswer, FinishReason
 from cordgen.records import TraceRecord, Usage, trajectory_record
-from cordgen.search import Beam, ClosedBy, Step
+from cordgen.search import Beam, ClosedBy, FinalAnswer, FinishReason, Step
 
 
 def write_problems(path: Path, count: int = 6) -> Path:

@@ -14,11 +14,10 @@ from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from cordgen.cli import app
-from cordgen.engines import FinalAnswer, FinishReason
 from cordgen.errors import CordgenError
 from cordgen.export import export_run
 from cordgen.records import Grade, ScoreRecord, StepScore, TraceRecord, trajectory_record
-from cordgen.search import Beam, ClosedBy, Step
+from cordgen.search import Beam, ClosedBy, FinalAnswer, FinishReason, Step
 from cordgen.store import RunDirectory
 from cordgen.synth import plan_run
 from tests.helpers import make_record, resolved, snapshot, write_problems, write_recipe

@@ -7,8 +7,17 @@ import math
 import pytest
 
 from cordgen.config import SearchConfig
-from cordgen.engines import FinishReason, StepCandidate
-from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, select
+from cordgen.search import (
+    Beam,
+    Candidate,
+    ClosedBy,
+    FinishReason,
+    ProblemSearch,
+    Step,
+    StepCandidate,
+    collapse,
+    select,
+)
 
 STEP, END, EOS, LENGTH = (
     FinishReason.STEP,

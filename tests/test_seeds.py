@@ -1,4 +1,5 @@
-from cordgen.engines import AnswerScore, FinishReason, derive_seed
+from cordgen.engines import AnswerScore, derive_seed
+from cordgen.search import FinishReason
 
 
 def test_seeds_are_stable_and_keyed():

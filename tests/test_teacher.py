@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cordgen.config import ChatSettings, SamplingSettings, StepFormat, TeacherConfig
-from cordgen.engines import AnswerRequest, FinishReason, ProposeRequest
+from cordgen.engines import AnswerRequest, ProposeRequest
+from cordgen.search import FinishReason
 
 pytestmark = pytest.mark.engine
 

@@ -12,7 +12,6 @@ from pydantic import ValidationError, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cordgen.config import EngineSettings, Recipe, SearchConfig, load_recipe, semantic_hash
-from cordgen.engines import FinishReason, StepCandidate
 from cordgen.engines.placement import (
     CPU_BLOCK_MULTIPLE,
     HOST_KV_CAP,
@@ -22,7 +21,17 @@ from cordgen.engines.placement import (
 )
 from cordgen.engines.startup import start_failure
 from cordgen.errors import ConfigError
-from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, out_of_context
+from cordgen.search import (
+    Beam,
+    Candidate,
+    ClosedBy,
+    FinishReason,
+    ProblemSearch,
+    Step,
+    StepCandidate,
+    collapse,
+    out_of_context,
+)
 from cordgen.windows import capped_note, engine_window, thinking_room
 
 STEP, END, CONTEXT = FinishReason.STEP, FinishReason.END_OF_THINKING, FinishReason.CONTEXT

@@ -13,8 +13,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from cordgen.answers import extract_answer
-from cordgen.engines import FinalAnswer
-from cordgen.search import Beam
+from cordgen.search import Beam, FinalAnswer
 
 SCHEMA_VERSION = 1
 

@@ -1,4 +1,8 @@
-"""The CoRD beam controller: pure functions of (beams, candidates, scores).
+"""The CoRD beam controller: pure functions of (beams, candidates, scores), and the types it owns.
+
+What a teacher hands the controller, a proposed step (`StepCandidate`) or a final answer
+(`FinalAnswer`) with why its generation stopped (`FinishReason`), is defined here; engines build
+these values and records store them, so the controller imports no engine module.
 
 No engine, I/O or randomness lives here. The synthesis loop makes the batched engine calls and
 hands their results to these functions, so every rule of the search is tested without a model.
@@ -12,7 +16,35 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from cordgen.config import SearchConfig
-from cordgen.engines import FinishReason, StepCandidate
+
+
+class FinishReason(str, Enum):
+    STEP = "step"  # stopped at the next step marker: thinking goes on
+    END_OF_THINKING = "end_of_thinking"  # stopped at </think>
+    EOS = "eos"  # the model ended its turn
+    LENGTH = "length"  # hit the token limit of the call
+    CONTEXT = "context"  # not generated: the prompt leaves too little of the context window
+
+    @property
+    def ends_thinking(self) -> bool:
+        return self in (FinishReason.END_OF_THINKING, FinishReason.EOS)
+
+
+@dataclass(frozen=True)
+class StepCandidate:
+    teacher: str
+    text: str
+    num_tokens: int  # tokens the teacher decoded for this step, the stop marker included
+    finish_reason: FinishReason
+    sample: int = 0
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    teacher: str
+    text: str
+    num_tokens: int
+    finish_reason: FinishReason
 
 
 class ClosedBy(str, Enum):

@@ -23,12 +23,9 @@ from cordgen import __version__
 from cordgen.config import Recipe, check_sources
 from cordgen.engines import (
     AnswerRequest,
-    FinalAnswer,
-    FinishReason,
     ProposeRequest,
     Scorer,
     ScoreRequest,
-    StepCandidate,
     Teacher,
 )
 from cordgen.engines.placement import check_placement, visible_device_count
@@ -36,7 +33,18 @@ from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
-from cordgen.search import Beam, Candidate, ClosedBy, ProblemSearch, Step, collapse, out_of_context
+from cordgen.search import (
+    Beam,
+    Candidate,
+    ClosedBy,
+    FinalAnswer,
+    FinishReason,
+    ProblemSearch,
+    Step,
+    StepCandidate,
+    collapse,
+    out_of_context,
+)
 from cordgen.store import ENGINE_LOG, InputInfo, Manifest, RunDirectory, now
 from cordgen.windows import window_notes
 

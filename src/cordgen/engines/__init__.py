@@ -1,8 +1,9 @@
 """What the search asks of engines, independent of where they run (in this process, in a
 worker process, behind a `vllm serve` URL).
 
-A teacher proposes next steps and writes final answers; a scorer reads how likely a trajectory
-makes the gold answer. Every call takes a whole batch: the controller never loops around them.
+A teacher proposes next steps and writes final answers (`StepCandidate`, `FinalAnswer`, types
+the controller owns in `cordgen.search`); a scorer reads how likely a trajectory makes the gold
+answer. Every call takes a whole batch: the controller never loops around them.
 Below the roles, an `EngineModel` does two things, seeded sampling and prompt logprobs over a
 span, on prompts given as token ids that the roles build with the model's own tokenizer.
 """
@@ -13,21 +14,9 @@ import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, Protocol
 
-
-class FinishReason(str, Enum):
-    STEP = "step"  # stopped at the next step marker: thinking goes on
-    END_OF_THINKING = "end_of_thinking"  # stopped at </think>
-    EOS = "eos"  # the model ended its turn
-    LENGTH = "length"  # hit the token limit of the call
-    CONTEXT = "context"  # not generated: the prompt leaves too little of the context window
-
-    @property
-    def ends_thinking(self) -> bool:
-        return self in (FinishReason.END_OF_THINKING, FinishReason.EOS)
-
+from cordgen.search import FinalAnswer, StepCandidate
 
 SeedKey = tuple[str | int, ...]
 
@@ -48,27 +37,10 @@ class ProposeRequest:
 
 
 @dataclass(frozen=True)
-class StepCandidate:
-    teacher: str
-    text: str
-    num_tokens: int  # tokens the teacher decoded for this step, the stop marker included
-    finish_reason: FinishReason
-    sample: int = 0
-
-
-@dataclass(frozen=True)
 class AnswerRequest:
     question: str
     steps: tuple[str, ...]
     seed_key: SeedKey = ()
-
-
-@dataclass(frozen=True)
-class FinalAnswer:
-    teacher: str
-    text: str
-    num_tokens: int
-    finish_reason: FinishReason
 
 
 @dataclass(frozen=True)

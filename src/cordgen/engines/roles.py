@@ -14,19 +14,17 @@ from cordgen.engines import (
     AnswerRequest,
     AnswerScore,
     EngineModel,
-    FinalAnswer,
-    FinishReason,
     ProposeRequest,
     Sample,
     SampleRequest,
     ScoreRequest,
-    StepCandidate,
     derive_seed,
 )
 from cordgen.engines.placement import distinct_engines
 from cordgen.engines.pool import EnginePool
 from cordgen.errors import EngineError
 from cordgen.prompts import ChatPrompt
+from cordgen.search import FinalAnswer, FinishReason, StepCandidate
 
 
 def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> EngineScorer:
