@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cordgen.errors import ConfigError
+from cordgen.templates import load_chat_template
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Marks a setting that changes speed or memory but never results: it stays out of the semantic
@@ -320,8 +321,6 @@ def resolve_model_source(model: str) -> str:
 
 def check_role_sources(role: TeacherConfig | ScorerConfig) -> None:
     """The role's model, tokenizer and chat template exist, before anything loads."""
-    from cordgen.prompts import load_chat_template
-
     resolve_model_source(role.engine.model)
     if role.engine.tokenizer is not None:
         resolve_model_source(role.engine.tokenizer)

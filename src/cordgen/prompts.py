@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Protocol
 
 from cordgen.config import ChatSettings, StepFormat
-from cordgen.errors import ConfigError
+from cordgen.templates import load_chat_template
 
 
 class ChatTokenizer(Protocol):
@@ -58,16 +57,6 @@ def split_answer_boundary(suffix: str, answer: str) -> tuple[str, str]:
     `... is` + ` 42`, the tokens a BPE model actually writes, rather than a lone space token."""
     stripped = suffix.rstrip()
     return stripped, suffix[len(stripped) :] + answer.strip()
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """A template given as a path is read from disk; anything else is the template itself."""
-    if value is None or "{" in value:
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"chat_template: {value!r} is neither a template nor an existing file")
-    return path.read_text(encoding="utf-8")
 
 
 class ChatPrompt:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cordgen.config import EngineSettings, Recipe, resolve_model_source
+from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError
 from cordgen.problems import Problem
 from cordgen.prompts import ChatPrompt
@@ -75,8 +76,6 @@ def capped_note(rooms: dict[str, int], budget: int) -> list[str]:
 
 def window_notes(recipe: Recipe, problems: Sequence[Problem]) -> list[str]:
     """A note when windows cap the thinking budget; ConfigError where one leaves no room."""
-    from cordgen.engines.pool import load_tokenizer
-
     longest = sorted(problems, key=lambda p: len(p.question), reverse=True)[:PROBED]
     longest += sorted(problems, key=lambda p: len(p.answer), reverse=True)[:PROBED]
     rooms: dict[str, int] = {}

@@ -3,7 +3,6 @@ one copy, and each engine runs where its settings and the placement say."""
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -12,21 +11,6 @@ from pathlib import Path
 from cordgen.config import EngineSettings
 from cordgen.engines import EngineModel
 from cordgen.engines.placement import vllm_is_cpu_build
-
-
-@functools.cache
-def load_tokenizer(settings: EngineSettings):
-    """The engine's tokenizer in this process, for engines whose model lives elsewhere; loaded
-    once, for the plan's window check and the roles alike."""
-    from transformers import AutoTokenizer
-
-    from cordgen.config import resolve_model_source
-
-    return AutoTokenizer.from_pretrained(
-        resolve_model_source(settings.tokenizer or settings.model),
-        revision=settings.revision,
-        trust_remote_code=settings.trust_remote_code,
-    )
 
 
 def cpu_threads_per_engine(engines: int) -> int | None:

@@ -20,6 +20,7 @@ import httpx
 
 from cordgen.config import EngineSettings, RemoteEndpoint
 from cordgen.engines import Sample, SampleRequest, SpanLogprobs, read_span
+from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
 
 RETRIED_STATUS = {502, 503, 504}
@@ -52,8 +53,6 @@ def error_message(response: httpx.Response) -> str:
 
 class RemoteModel:
     def __init__(self, settings: EngineSettings) -> None:
-        from cordgen.engines.pool import load_tokenizer
-
         assert settings.remote is not None
         self.settings = settings
         self.endpoint = settings.remote

@@ -31,6 +31,7 @@ from typing import Any
 from cordgen.config import EngineSettings
 from cordgen.engines import Sample, SampleRequest, SpanLogprobs
 from cordgen.engines.startup import start_failure
+from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import EngineError
 from cordgen.lifetime import die_with_parent
 
@@ -148,8 +149,6 @@ class WorkerModel:
         return f"engine for {self.label} ({self.settings.model})"
 
     def wait_ready(self) -> WorkerModel:
-        from cordgen.engines.pool import load_tokenizer
-
         self.tokenizer = load_tokenizer(self.settings)
         self.max_model_len = self._receive("start", failed_to="failed to start")
         return self
