@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 QUALITY_ARGS ?=
 THROUGHPUT_ARGS ?=
 COMPACT_ARGS ?=
+SCALE_ARGS ?=
 CORDGEN_DEVICE ?= $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo gpu; else echo cpu; fi)
 PYPROJECT_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
@@ -15,7 +16,7 @@ STAMP := $(VENV)/.cordgen-$(CORDGEN_DEVICE)-$(PYPROJECT_HASH).stamp
 DEMO_RUN ?= runs/demo
 CORDGEN := $(VENV)/bin/cordgen
 
-.PHONY: install test demo quality throughput compact clean
+.PHONY: install test demo quality throughput compact scale clean
 
 install: $(STAMP)
 
@@ -50,6 +51,10 @@ throughput: install
 # COMPACT-weighted distillation vs uniform weighting vs the best single teacher, from one weak student.
 compact: install
 	$(VENV)/bin/python benchmarks/compact.py $(COMPACT_ARGS)
+
+# Engine replicas on a (simulated, on one machine) Ray cluster: 1 vs 2 replicas, affinity vs round-robin routing.
+scale: install
+	$(VENV)/bin/python benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

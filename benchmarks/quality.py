@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
-    pool = EnginePool(base.placement.mode)
+    pool = EnginePool(base.placement)
     try:
         started = time.perf_counter()
         for variant in chosen:

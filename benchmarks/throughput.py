@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = load_recipe(args.config)
     counts = [int(c) for c in args.counts.split(",")]
     problems = load_problems(recipe.input.path).problems[: max(counts)]
-    pool = EnginePool(recipe.placement.mode)
+    pool = EnginePool(recipe.placement)
     try:
         synthesize_timed(problems[:2], recipe, pool)  # loads the engines and warms them up
         report = {"device": device_name(), "config": shown_path(args.config)}

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from cordgen.config import Recipe
+from cordgen.config import PlacementConfig, Recipe
 from cordgen.engines.placement import check_placement
 from cordgen.errors import ConfigError, EngineError
 from cordgen.problems import Problem
@@ -57,7 +57,7 @@ def test_shared_devices_pass_when_asked_for():
 def worker_pool():
     from cordgen.engines.pool import EnginePool
 
-    pool = EnginePool("workers")
+    pool = EnginePool(PlacementConfig(mode="workers"))
     yield pool
     pool.shutdown()
 
@@ -101,7 +101,7 @@ def test_a_dead_worker_stops_the_run_with_its_name_and_the_rerun_resumes(tiny_mo
         "output": {"path": str(tmp_path / "run")},
     }
     recipe = Recipe.model_validate(data)
-    pool = EnginePool("workers")
+    pool = EnginePool(PlacementConfig(mode="workers"))
     killed = []
 
     def kill_beta_after_first_records(records):

@@ -72,6 +72,12 @@ class EngineDefaults(StrictModel):
         json_schema_extra=THROUGHPUT,
     )
     enforce_eager: bool = Field(False, json_schema_extra=THROUGHPUT)
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="copies of this engine, each serving its share of the problems; placement: ray",
+        json_schema_extra=THROUGHPUT,
+    )
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -268,13 +274,38 @@ class OutputConfig(StrictModel):
     path: str | None = Field(None, description="the run directory", json_schema_extra=THROUGHPUT)
 
 
+Routing = Literal["affinity", "round_robin"]
+
+
 class PlacementConfig(StrictModel):
     """Which devices engines run on: all of those cordgen sees (`shared`), or each engine on the
-    devices its `gpus` names (`workers`). Either way each local engine runs in a worker process
-    of its own that dies with cordgen."""
+    devices its `gpus` names (`workers`), each local engine in a worker process of its own that
+    dies with cordgen; or each replica of each engine in a Ray actor anywhere on a Ray cluster
+    (`ray`), released when cordgen ends."""
 
-    mode: Literal["shared", "workers"] = "shared"
+    mode: Literal["shared", "workers", "ray"] = "shared"
     share_gpus: bool = Field(False, description="allow two engines on one device")
+    ray_address: str | None = Field(
+        None,
+        description="placement: ray. The cluster to join (`auto`, host:port, ray://host:port); unset: "
+        "RAY_ADDRESS, else a Ray started for this run on this machine, bound to 127.0.0.1",
+    )
+    cpus_per_replica: int = Field(
+        1, ge=1, description="placement: ray. CPUs each replica reserves (its threads on CPU builds)"
+    )
+    replica_restarts: int = Field(
+        3, ge=0, description="placement: ray. Times Ray restarts a replica whose process or node died"
+    )
+    routing: Routing = Field(
+        "affinity",
+        description="placement: ray. affinity: each problem to one replica, where its prefixes are "
+        "cached; round_robin: spread evenly (for comparison)",
+    )
+    replica_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="placement: ray. How long a replica may take to start, or to come back after a restart",
+    )
 
     @field_validator("mode", mode="before")
     @classmethod

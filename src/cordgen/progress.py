@@ -34,7 +34,22 @@ def throughput(report: RoundReport) -> str:
         for name, seconds in report.teacher_seconds.items()
     ]
     parts.append(f"scorer {rate(report.scored_tokens, report.scorer_seconds)}")
-    return " · ".join(parts)
+    return " · ".join(parts + replica_shares(report))
+
+
+def replica_shares(report: RoundReport) -> list[str]:
+    """Per engine with Ray replicas: how many, and the share of the round each one computed
+    ("alpha ×2 busy 92%/61%"): a low share beside a high one is a straggler's cost."""
+    engines: dict[str, list[float]] = {}
+    for name, seconds in sorted(report.replica_seconds.items()):
+        engine = name.rsplit("#", 1)[0]
+        engines.setdefault(engine, []).append(
+            seconds / report.engine_seconds if report.engine_seconds else 0.0
+        )
+    return [
+        f"{engine} ×{len(shares)} busy {'/'.join(f'{share:.0%}' for share in shares)}"
+        for engine, shares in engines.items()
+    ]
 
 
 def cleared_on_failure(progress: Progress, failed: bool) -> None:

@@ -102,7 +102,7 @@ def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> t
     requests, owners = [], []
     for index, trace in enumerate(traces):
         for k in range(1, len(trace.steps) + 1):
-            requests.append(ScoreRequest(trace.question, trace.steps[:k], trace.answer))
+            requests.append(ScoreRequest(trace.question, trace.steps[:k], trace.answer, trace.id))
             owners.append(index)
     results = scorer.score(requests)
     grades = grade_answers([(t.answer, t.response) for t in traces], timeout_s=timeout_s)

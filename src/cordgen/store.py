@@ -52,6 +52,16 @@ class InputInfo(BaseModel):
     unanswered: list[str] = []  # ids of rows skipped: no \boxed{} answer in `input.answer_from`
 
 
+class ReplicaRound(BaseModel):
+    """Under placement ray: how long each engine replica computed in one round, against the time
+    the round waited on engines; lockstep waits for the slowest replica, so their spread is the
+    straggler's cost."""
+
+    round: int
+    engine_seconds: float
+    busy_seconds: dict[str, float]
+
+
 class Manifest(BaseModel):
     cordgen_version: str
     semantic_hash: str
@@ -66,6 +76,7 @@ class Manifest(BaseModel):
     finished_at: str | None = None
     sessions: int = 1  # how many times the run was started or resumed
     wall_seconds: float = 0.0  # synthesis time over all sessions, engine loading included
+    replica_rounds: list[ReplicaRound] = []
 
     @classmethod
     def start(cls, recipe: Recipe, input_info: InputInfo, shard: str | None, problems: int) -> Manifest:

@@ -28,7 +28,7 @@ from cordgen.engines import (
     ScoreRequest,
     Teacher,
 )
-from cordgen.engines.placement import check_placement, visible_device_count
+from cordgen.engines.placement import check_cluster, check_placement, visible_device_count
 from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
@@ -45,7 +45,7 @@ from cordgen.search import (
     collapse,
     out_of_context,
 )
-from cordgen.store import ENGINE_LOG, InputInfo, Manifest, RunDirectory, now
+from cordgen.store import ENGINE_LOG, InputInfo, Manifest, ReplicaRound, RunDirectory, now
 from cordgen.windows import window_notes
 
 RecordSink = Callable[[Sequence[TraceRecord]], None]  # one call per round
@@ -64,6 +64,7 @@ class RoundReport:
     scored_tokens: int = 0
     scorer_seconds: float = 0.0
     engine_seconds: float = 0.0  # wall time the controller waited on engines (teachers overlap)
+    replica_seconds: dict[str, float] = field(default_factory=dict)  # busy time per Ray replica
 
     def teacher_timed(self, name: str, started: float) -> None:
         self.teacher_seconds[name] = self.teacher_seconds.get(name, 0.0) + time.perf_counter() - started
@@ -240,7 +241,7 @@ def propose_round(
 
     def propose(name: str) -> list[list[StepCandidate]]:
         requests = [
-            ProposeRequest(p.question, beam.texts, samples[name], (p.id, round_index, parent))
+            ProposeRequest(p.question, beam.texts, samples[name], (p.id, round_index, parent), p.id)
             for p, parent, beam in slots
         ]
         started = time.perf_counter()
@@ -286,7 +287,8 @@ def score_round(
         frontier = searches[p.id].frontier
         for c in candidates[p.id]:
             owners.append(p.id)
-            requests.append(ScoreRequest(p.question, frontier[c.parent].texts + (c.step.text,), p.answer))
+            steps = frontier[c.parent].texts + (c.step.text,)
+            requests.append(ScoreRequest(p.question, steps, p.answer, p.id))
     started = time.perf_counter()
     results = run.scorer.score(requests)
     report.scorer_timed(started)
@@ -321,7 +323,7 @@ def finish_problems(
         by_teacher.setdefault(result.steps[-1].teacher if result.steps else first_teacher, []).append(p)
     answers = {}
     for name, group in by_teacher.items():
-        requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,)) for p in group]
+        requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,), p.id) for p in group]
         started = time.perf_counter()
         for p, answer in zip(group, run.teachers[name].answer(requests)):
             answers[p.id] = answer
@@ -352,7 +354,9 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
     traces: list[WholeTrace] = []
 
     def solve(name: str) -> list[list[StepCandidate]]:
-        requests = [ProposeRequest(p.question, (), config.curate_samples, (p.id, "curate")) for p in problems]
+        requests = [
+            ProposeRequest(p.question, (), config.curate_samples, (p.id, "curate"), p.id) for p in problems
+        ]
         started = time.perf_counter()
         outputs = run.teachers[name].solve(requests, config.thinking_budget + answer_budget[name])
         report.teacher_timed(name, started)
@@ -370,7 +374,7 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
                 report.generated_tokens[name] = report.generated_tokens.get(name, 0) + sample.num_tokens
     started = time.perf_counter()
     scores = run.scorer.score(
-        [ScoreRequest(tr.problem.question, tr.steps, tr.problem.answer) for tr in traces]
+        [ScoreRequest(tr.problem.question, tr.steps, tr.problem.answer, tr.problem.id) for tr in traces]
     )
     report.scorer_timed(started)
     report.engine_timed(started)
@@ -423,7 +427,7 @@ def finish_curated(
         else:
             answers[p.id] = answer
     for name, group in unanswered.items():
-        requests = [AnswerRequest(p.question, chosen[p.id][0][0].texts, (p.id,)) for p in group]
+        requests = [AnswerRequest(p.question, chosen[p.id][0][0].texts, (p.id,), p.id) for p in group]
         started = time.perf_counter()
         for p, answer in zip(group, run.teachers[name].answer(requests)):
             answers[p.id] = answer
@@ -528,7 +532,26 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
         manifest = Manifest.start(recipe, info, shard_name, len(chosen))
     manifest.completed = sum(p.id in done for p in chosen)
     todo = tuple(p for p in chosen if p.id not in done)
+    check_cluster(recipe)
     return Plan(recipe, run_dir, manifest, chosen, todo, overwrite, notes)
+
+
+class ReplicaTimes:
+    """Each round's busy time per engine replica (placement ray), from the pool into the round's
+    report and the manifest, before the report goes on to `observer`."""
+
+    def __init__(self, observer: Observer, pool: Any, manifest: Manifest) -> None:
+        self.observer, self.pool, self.manifest = observer, pool, manifest
+
+    def round_finished(self, report: RoundReport) -> None:
+        report.replica_seconds = self.pool.replica_seconds()
+        if report.replica_seconds:
+            busy = {name: round(seconds, 3) for name, seconds in sorted(report.replica_seconds.items())}
+            waited = round(report.engine_seconds, 3)
+            self.manifest.replica_rounds.append(
+                ReplicaRound(round=report.round, engine_seconds=waited, busy_seconds=busy)
+            )
+        self.observer.round_finished(report)
 
 
 class SessionClock:
@@ -560,7 +583,7 @@ def execute(
     clock = SessionClock(manifest)
     own_pool = pool is None
     log_path = plan.run_dir.path / ENGINE_LOG if engine_log else None
-    pool = EnginePool(plan.recipe.placement.mode, log_path) if own_pool else pool
+    pool = EnginePool(plan.recipe.placement, log_path) if own_pool else pool
     try:
         teachers, scorer = build_roles(plan.recipe, pool)
         with plan.run_dir.writer() as append:
@@ -572,7 +595,8 @@ def execute(
                 plan.run_dir.save(manifest)
                 on_records(records)
 
-            synthesize(plan.todo, teachers, scorer, plan.recipe, sink, observer, should_stop)
+            timed = ReplicaTimes(observer, pool, manifest)
+            synthesize(plan.todo, teachers, scorer, plan.recipe, sink, timed, should_stop)
     except BaseException:
         clock.update()
         manifest.status = "interrupted" if should_stop() else "failed"

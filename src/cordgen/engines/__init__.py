@@ -1,5 +1,5 @@
-"""What the search asks of engines, independent of where they run (in this process, in a
-worker process, behind a `vllm serve` URL).
+"""What the search asks of engines, independent of where they run (in a worker process, in Ray
+actors across a cluster, behind a `vllm serve` URL).
 
 A teacher proposes next steps and writes final answers (`StepCandidate`, `FinalAnswer`, types
 the controller owns in `cordgen.search`); a scorer reads how likely a trajectory makes the gold
@@ -34,6 +34,7 @@ class ProposeRequest:
     steps: tuple[str, ...]
     n: int = 1
     seed_key: SeedKey = ()
+    route: str = ""  # the problem's id: its requests go to the engine replica that holds its prefixes
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class AnswerRequest:
     question: str
     steps: tuple[str, ...]
     seed_key: SeedKey = ()
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ScoreRequest:
     question: str
     steps: tuple[str, ...]
     answer: str
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,16 @@ class SampleRequest:
     top_p: float = 1.0
     top_k: int | None = None
     stop: tuple[str, ...] = ()
+    route: str = ""  # which replica serves it, where an engine has several; never what it samples
+
+
+@dataclass(frozen=True)
+class SpanRequest:
+    """Prompt logprobs of `prompt[start:]`: the scorer's one kind of engine request."""
+
+    prompt: list[int]
+    start: int
+    route: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,9 +169,7 @@ class EngineModel(Protocol):
 
     def sample(self, requests: Sequence[SampleRequest]) -> list[Sample]: ...
 
-    def span_logprobs(
-        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
-    ) -> list[SpanLogprobs]: ...
+    def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]: ...
 
     def reset_prefix_cache(self) -> None: ...
 

@@ -34,8 +34,12 @@ def check_placement(recipe: Recipe, device_count: Callable[[], int]) -> None:
         if settings.remote is not None:
             check_remote(name, settings)
             continue
+        if settings.replicas > 1 and recipe.placement.mode != "ray":
+            raise ConfigError(f"{name}: replicas {settings.replicas} need placement.mode: ray")
         if settings.gpus is None:
             continue
+        if recipe.placement.mode == "ray":
+            raise ConfigError(f"{name}: under placement ray, Ray gives each replica its GPUs; remove gpus")
         if recipe.placement.mode != "workers":
             raise ConfigError(f"{name}: gpus {list(settings.gpus)} need placement.mode: workers")
         check_devices(name, settings.gpus, settings.tensor_parallel_size, device_count())
@@ -50,9 +54,24 @@ def check_placement(recipe: Recipe, device_count: Callable[[], int]) -> None:
 def check_remote(name: str, settings: EngineSettings) -> None:
     if settings.gpus is not None:
         raise ConfigError(f"{name}: a remote engine runs on its server's GPUs; remove gpus")
+    if settings.replicas > 1:
+        raise ConfigError(f"{name}: a remote engine is one endpoint; remove replicas")
     key_env = settings.remote.api_key_env if settings.remote else None
     if key_env is not None and not os.environ.get(key_env):
         raise ConfigError(f"{name}: remote.api_key_env names {key_env}, which is not set")
+
+
+def check_cluster(recipe: Recipe) -> None:
+    """Under placement ray: joins the cluster and checks that the plan's replicas fit it, before
+    anything loads or is written."""
+    if recipe.placement.mode != "ray":
+        return
+    try:
+        from cordgen.engines.ray_replicas import check_cluster_room
+    except ImportError as error:
+        raise ConfigError(f"placement ray needs Ray ({error}): pip install 'cordgen[ray]'") from None
+    local = {e: "/".join(roles) for e, roles in distinct_engines(recipe).items() if e.remote is None}
+    check_cluster_room(local, recipe.placement, vllm_is_cpu_build())
 
 
 def check_devices(name: str, gpus: Sequence[int], tensor_parallel: int, device_count: int) -> None:

@@ -7,8 +7,9 @@ import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from cordgen.config import EngineSettings
+from cordgen.config import EngineSettings, PlacementConfig
 from cordgen.engines import EngineModel
 from cordgen.engines.placement import vllm_is_cpu_build
 
@@ -23,24 +24,28 @@ def cpu_threads_per_engine(engines: int) -> int | None:
 
 class EnginePool:
     """Remote engines are clients in this process; every local engine runs in a worker process
-    of its own that dies with this one (`engines/worker.py`), its output in `log_path`.
+    of its own that dies with this one (`engines/worker.py`), its output in `log_path`, or under
+    placement `ray` as replicas on a Ray cluster (`engines/ray_replicas.py`).
 
     Under `workers` placement, and on CPU builds, all workers start at once. Engines that share
     the GPUs this process sees (`shared`) start one after another: vLLM sizes its cache from the
     memory it finds free, which engines loading side by side would change under each other."""
 
-    def __init__(self, placement: str = "shared", log_path: Path | None = None) -> None:
+    def __init__(self, placement: PlacementConfig = PlacementConfig(), log_path: Path | None = None) -> None:
         self.placement = placement
         self.log_path = log_path
         self._models: dict[EngineSettings, EngineModel] = {}
         self._labels: dict[EngineSettings, str] = {}
+        self._cluster: Any = None  # RayEngines, under placement ray
 
     def load(self, labels: Mapping[EngineSettings, str]) -> None:
         """Starts the engines not loaded yet, each labelled (by the roles it serves) in its log
         and errors."""
         self._labels.update(labels)
         todo = [e for e in labels if e not in self._models]
-        if self.placement == "workers" or vllm_is_cpu_build():
+        if self.placement.mode == "ray":
+            self._models.update(self._start_on_cluster({e: labels[e] for e in todo if e.remote is None}))
+        elif self.placement.mode == "workers" or vllm_is_cpu_build():
             from cordgen.engines.worker import WorkerModel
 
             local = [e for e in todo if e.remote is None]
@@ -57,6 +62,21 @@ class EnginePool:
         for settings in todo:
             self.model(settings)
 
+    def _start_on_cluster(
+        self, engines: Mapping[EngineSettings, str]
+    ) -> Mapping[EngineSettings, EngineModel]:
+        if not engines:
+            return {}
+        if self._cluster is None:
+            from cordgen.engines.ray_replicas import RayEngines
+
+            self._cluster = RayEngines(self.placement, vllm_is_cpu_build(), self.log_path)
+        return self._cluster.start(engines)
+
+    def replica_seconds(self) -> dict[str, float]:
+        """Busy seconds per Ray replica since the last reading (empty off Ray)."""
+        return {} if self._cluster is None else self._cluster.clock.take()
+
     def model(self, settings: EngineSettings) -> EngineModel:
         if settings not in self._models:
             self._models[settings] = self._start(settings)
@@ -67,9 +87,12 @@ class EnginePool:
             from cordgen.engines.remote import RemoteModel
 
             return RemoteModel(settings)
+        label = self._labels.get(settings, settings.model)
+        if self.placement.mode == "ray":
+            return self._start_on_cluster({settings: label})[settings]
         from cordgen.engines.worker import WorkerModel
 
-        worker = WorkerModel(settings, self._labels.get(settings, settings.model), self.log_path)
+        worker = WorkerModel(settings, label, self.log_path)
         try:
             return worker.wait_ready()
         except BaseException:
@@ -89,3 +112,6 @@ class EnginePool:
         with ThreadPoolExecutor(max_workers=max(1, len(self._models))) as executor:
             list(executor.map(lambda model: model.shutdown(), self._models.values()))
         self._models.clear()
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None

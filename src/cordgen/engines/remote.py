@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 
 from cordgen.config import EngineSettings, RemoteEndpoint
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, read_span
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest, read_span
 from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
 
@@ -159,25 +159,20 @@ class RemoteModel:
             )
         return samples
 
-    def span_logprobs(
-        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
-    ) -> list[SpanLogprobs]:
+    def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
         """The server decides prefix-cache reads itself (vLLM 0.32 skips them for prompt-logprob
         requests); the cached count it reports (`--enable-prompt-tokens-details`) is checked."""
         payloads = [
             {
                 "model": self.served_model,
-                "prompt": ids,
+                "prompt": r.prompt,
                 "max_tokens": 1,
                 "temperature": 0.0,
                 "prompt_logprobs": 0,
             }
-            for ids in prompts
+            for r in requests
         ]
-        return [
-            read_remote_span(body, start, ids)
-            for body, start, ids in zip(self._map(payloads), starts, prompts)
-        ]
+        return [read_remote_span(body, r.start, r.prompt) for body, r in zip(self._map(payloads), requests)]
 
     def reset_prefix_cache(self) -> None:
         """Needs a server started with VLLM_SERVER_DEV_MODE=1 (benchmarks only)."""

@@ -18,6 +18,7 @@ from cordgen.engines import (
     Sample,
     SampleRequest,
     ScoreRequest,
+    SpanRequest,
     derive_seed,
 )
 from cordgen.engines.placement import distinct_engines
@@ -59,7 +60,9 @@ class EngineTeacher:
         self.fmt = fmt
         self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
 
-    def _request(self, ids: list[int], seed: int, max_tokens: int, stop: tuple[str, ...]) -> SampleRequest:
+    def _request(
+        self, ids: list[int], seed: int, max_tokens: int, stop: tuple[str, ...], route: str
+    ) -> SampleRequest:
         sampling = self.config.sampling
         return SampleRequest(
             prompt=ids,
@@ -69,6 +72,7 @@ class EngineTeacher:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             stop=stop,
+            route=route,
         )
 
     def _seed(self, key: tuple[str | int, ...], sample: int) -> int:
@@ -77,24 +81,27 @@ class EngineTeacher:
     def _sample(
         self,
         prompts: Sequence[list[int]],
-        seed_keys: Sequence[tuple[str | int, ...]],
+        requests: Sequence[ProposeRequest | AnswerRequest],
         counts: Sequence[int],
         stop: tuple[str, ...],
         limit: int,
         needed: int = 1,
+        seed_prefix: tuple[str, ...] = (),
     ) -> list[list[StepCandidate]]:
         """n seeded samples per prompt in one engine call, each up to `limit` tokens or the end
         of the context window. A prompt that leaves fewer than `needed` tokens of the window
         yields empty CONTEXT samples instead of failing the whole batch."""
         batch, slots = [], []
         results: list[list[StepCandidate | None]] = [[None] * n for n in counts]
-        for i, (ids, key) in enumerate(zip(prompts, seed_keys)):
+        for i, (ids, request) in enumerate(zip(prompts, requests)):
             room = self.model.max_model_len - len(ids)
+            seed_key = (*seed_prefix, *request.seed_key)
             for sample in range(len(results[i])):
                 if room < needed:
                     results[i][sample] = StepCandidate(self.name, "", 0, FinishReason.CONTEXT, sample)
                     continue
-                batch.append(self._request(ids, self._seed(key, sample), min(limit, room), stop))
+                seed = self._seed(seed_key, sample)
+                batch.append(self._request(ids, seed, min(limit, room), stop, request.route))
                 slots.append((i, sample))
         for (i, sample), drawn in zip(slots, self.model.sample(batch)):
             results[i][sample] = StepCandidate(
@@ -112,22 +119,21 @@ class EngineTeacher:
         search closes it while its answer still fits."""
         prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
         stop = (self.fmt.marker, self.fmt.think_close)
-        keys, counts = [r.seed_key for r in requests], [r.n for r in requests]
         sampling = self.config.sampling
         needed = sampling.max_step_tokens + sampling.max_answer_tokens
-        return self._sample(prompts, keys, counts, stop, sampling.max_step_tokens, needed)
+        counts = [r.n for r in requests]
+        return self._sample(prompts, requests, counts, stop, sampling.max_step_tokens, needed)
 
     def solve(self, requests: Sequence[ProposeRequest], max_tokens: int) -> list[list[StepCandidate]]:
         """n whole traces (thinking and answer) per request, from one engine call: curation."""
         prompts = [self.chat.step_prompt_ids(r.question, r.steps) for r in requests]
-        return self._sample(prompts, [r.seed_key for r in requests], [r.n for r in requests], (), max_tokens)
+        return self._sample(prompts, requests, [r.n for r in requests], (), max_tokens)
 
     def answer(self, requests: Sequence[AnswerRequest]) -> list[FinalAnswer]:
         """The text after `</think>` for each finished trajectory, from one engine call."""
         prompts = [self.chat.answer_prompt_ids(r.question, r.steps) for r in requests]
-        keys = [("answer", *r.seed_key) for r in requests]
         limit = self.config.sampling.max_answer_tokens
-        samples = self._sample(prompts, keys, [1] * len(requests), (), limit)
+        samples = self._sample(prompts, requests, [1] * len(requests), (), limit, seed_prefix=("answer",))
         return [FinalAnswer(c.teacher, c.text, c.num_tokens, c.finish_reason) for (c,) in samples]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -148,30 +154,31 @@ class EngineScorer:
         self.model = model
         self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
 
-    def _prepare(self, request: ScoreRequest) -> tuple[list[int], int] | None:
-        """(prompt ids, where the answer starts), or None when the prompt does not fit the
-        window (vLLM needs room for one decoded token after it)."""
+    def _prepare(self, request: ScoreRequest) -> SpanRequest | None:
+        """The prompt and where the answer starts in it, or None when the prompt does not fit
+        the window (vLLM needs room for one decoded token after it)."""
         context, answer = self.chat.scoring_ids(
             request.question, request.steps, self.config.answer_suffix, request.answer
         )
         if not answer:
             raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
         ids = context + answer
-        return (ids, len(context)) if len(ids) < self.model.max_model_len else None
+        fits = len(ids) < self.model.max_model_len
+        return SpanRequest(ids, len(context), request.route) if fits else None
 
     def _run(
-        self, prepared: dict[int, tuple[list[int], int]], indices: Sequence[int], read_cache: bool
+        self, prepared: dict[int, SpanRequest], indices: Sequence[int], read_cache: bool
     ) -> dict[int, AnswerScore | None]:
         scores: dict[int, AnswerScore | None] = {}
         for chunk in chunked(indices, self.config.max_requests_per_call):
-            prompts, starts = [prepared[i][0] for i in chunk], [prepared[i][1] for i in chunk]
-            for i, span in zip(chunk, self.model.span_logprobs(prompts, starts, read_cache)):
+            spans = self.model.span_logprobs([prepared[i] for i in chunk], read_cache)
+            for i, span in zip(chunk, spans):
                 scores[i] = (
                     None
                     if span.logprobs is None
                     else AnswerScore(
                         answer_logprobs=span.logprobs,
-                        num_prompt_tokens=len(prepared[i][0]),
+                        num_prompt_tokens=len(prepared[i].prompt),
                         num_cached_tokens=span.num_cached_tokens,
                         rescored=not read_cache and self.config.reuse_prefix_cache,
                     )

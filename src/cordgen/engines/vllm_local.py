@@ -14,11 +14,11 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from cordgen.config import EngineSettings, resolve_model_source
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, read_span
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest, read_span
 
 
 def vllm_engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
-    kwargs = settings.model_dump(exclude_none=True, exclude={"remote"})
+    kwargs = settings.model_dump(exclude_none=True, exclude={"remote", "gpus", "replicas"})
     kwargs["model"] = resolve_model_source(settings.model)
     if settings.tokenizer is not None:
         kwargs["tokenizer"] = resolve_model_source(settings.tokenizer)
@@ -57,9 +57,10 @@ def read_output_span(output: Any, start: int, prompt: list[int]) -> SpanLogprobs
 class VllmModel:
     """One loaded engine and its tokenizer."""
 
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, **engine_args: Any) -> None:
+        """`engine_args` add to what the settings give vLLM (a Ray replica's executor)."""
         self.settings = settings
-        self.llm = LLM(**vllm_engine_kwargs(settings))
+        self.llm = LLM(**vllm_engine_kwargs(settings), **engine_args)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len
         self._lock = threading.Lock()  # teachers sharing this engine call it from their own threads
@@ -87,9 +88,7 @@ class VllmModel:
             )
         return samples
 
-    def span_logprobs(
-        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
-    ) -> list[SpanLogprobs]:
+    def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
         """One token decoded, nothing detokenized; prefix-cache reads only when asked."""
         params = SamplingParams(
             max_tokens=1,
@@ -99,10 +98,8 @@ class VllmModel:
             skip_reading_prefix_cache=not read_cache,
             flat_logprobs=True,
         )
-        outputs = self._generate(prompts, [params] * len(prompts))
-        return [
-            read_output_span(output, start, prompt) for output, start, prompt in zip(outputs, starts, prompts)
-        ]
+        outputs = self._generate([r.prompt for r in requests], [params] * len(requests))
+        return [read_output_span(output, r.start, r.prompt) for output, r in zip(outputs, requests)]
 
     def reset_prefix_cache(self) -> None:
         with self._lock:

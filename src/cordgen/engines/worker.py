@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cordgen.config import EngineSettings
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs
+from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest
 from cordgen.engines.startup import start_failure
 from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import EngineError
@@ -177,10 +177,8 @@ class WorkerModel:
     def sample(self, requests: Sequence[SampleRequest]) -> list[Sample]:
         return self._call("sample", list(requests)) if requests else []
 
-    def span_logprobs(
-        self, prompts: Sequence[list[int]], starts: Sequence[int], read_cache: bool
-    ) -> list[SpanLogprobs]:
-        return self._call("span_logprobs", list(prompts), list(starts), read_cache) if prompts else []
+    def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
+        return self._call("span_logprobs", list(requests), read_cache) if requests else []
 
     def reset_prefix_cache(self) -> None:
         self._call("reset_prefix_cache")
