@@ -4,7 +4,9 @@ engines in worker processes. One cluster and one set of replicas serve the whole
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -59,6 +61,16 @@ def test_a_replica_that_joins_or_leaves_moves_only_its_own_problems():
 def test_round_robin_spreads_each_call_evenly():
     shares = split_by_replica(["p1"] * 7, ["a#0", "a#1"], routing="round_robin")
     assert shares == {"a#0": [0, 2, 4, 6], "a#1": [1, 3, 5]}
+
+
+def test_progress_shows_each_engines_replicas_and_their_busy_share_of_the_round():
+    from cordgen.progress import replica_shares
+    from cordgen.synth import RoundReport
+
+    busy = {"beta#1": 1.0, "beta#0": 1.8, "alpha/scorer#0": 2.0}
+    report = RoundReport(round=3, live_problems=1, live_beams=2, engine_seconds=2.0, replica_seconds=busy)
+    assert replica_shares(report) == ["alpha/scorer ×1 busy 100%", "beta ×2 busy 90%/50%"]
+    assert replica_shares(RoundReport(round=1, live_problems=1, live_beams=1)) == []
 
 
 def ray_recipe(dirs: dict[str, str], replicas: int = 2, **placement) -> Recipe:
@@ -253,6 +265,7 @@ def execute_with(recipe: Recipe, pool, tmp_path: Path, inputs, on_round=None) ->
             if on_round is not None:
                 on_round(report)
 
+    tmp_path.mkdir(exist_ok=True)
     data = recipe.model_dump() | {
         "input": {"path": write_inputs(tmp_path / "problems.jsonl", inputs)},
         "output": {"path": str(tmp_path / "run")},
@@ -291,6 +304,65 @@ def test_a_killed_replica_is_restarted_and_the_run_gives_the_same_records(
 
 
 @pytest.mark.engine
+def test_a_replica_with_no_restart_left_hands_its_problems_over_and_the_last_one_stops_the_run(
+    cluster, ray_pool, engine_pool, tiny_model_dirs, inputs, tmp_path
+):
+    from cordgen.engines.pool import EnginePool
+
+    dirs = {"alpha": tiny_model_dirs["alpha"]}
+    recipe = ray_recipe(dirs, replica_restarts=0)
+    reference = run(Recipe.model_validate(recipe_data(dirs)), engine_pool, inputs)
+    pool = EnginePool(recipe.placement)
+    killed: list[str] = []
+
+    def kill(replica_set, name):
+        os.kill(replica_set.replicas[name].pid, signal.SIGKILL)
+        killed.append(name)
+
+    def kill_one_in_round_two(report):
+        (alpha,) = pool._models.values()
+        if report.round == 2 and not killed:
+            kill(alpha, "alpha/alpha-scorer#0")
+
+    try:
+        got, _ = execute_with(recipe, pool, tmp_path / "one", inputs, kill_one_in_round_two)
+        (alpha,) = pool._models.values()
+        assert killed and list(alpha.replicas) == ["alpha/alpha-scorer#1"]
+        assert_same_records(got, reference)
+        kill(alpha, "alpha/alpha-scorer#1")
+        with pytest.raises(EngineError) as failure:
+            execute_with(recipe, pool, tmp_path / "none", inputs)
+    finally:
+        pool.shutdown()
+    assert re.fullmatch(
+        r"engine for alpha/alpha-scorer \(.*alpha\): no replica left \(replica alpha/alpha-scorer#1 \(.*\) "
+        r"on node \S+ \(\w{8}\) died: .*\); re-run to resume",
+        str(failure.value),
+    ), str(failure.value)
+
+
+def where_now(replica, limit_s: float = 180) -> str:
+    """The node a replica's actor runs on now, once it answers (it may be restarting)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return ray.get(replica.actor.ready.remote(), timeout=limit_s)["node_id"]
+        except ray.exceptions.ActorUnavailableError:
+            assert time.monotonic() < deadline, f"{replica.name} did not come back"
+            time.sleep(0.5)
+
+
+def wait_until_dead(node_id: str, limit_s: float = 60) -> None:
+    """Until the cluster has noticed the node is gone, so the next round meets the loss."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if not any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"node {node_id} still alive after {limit_s} s")
+
+
+@pytest.mark.engine
 def test_a_lost_node_moves_its_replicas_and_the_run_gives_the_same_records(
     cluster, ray_pool, reference, inputs, recipe, tmp_path
 ):
@@ -303,21 +375,24 @@ def test_a_lost_node_moves_its_replicas_and_the_run_gives_the_same_records(
         if report.round == 2 and not lost:
             cluster.remove_node(nodes[doomed], allow_graceful=False)
             lost.append(doomed)
+            wait_until_dead(doomed)
 
+    replicas = [r for s in replica_sets(ray_pool) for r in s.replicas.values()]
+    before = {r.name: r.node_id for r in replicas}
     got, manifest = execute_with(recipe, ray_pool, tmp_path, inputs, remove_node_in_round_two)
     assert lost
     assert_same_records(got, reference)
-    placed = [r.node_id for s in replica_sets(ray_pool) for r in s.replicas.values()]
-    assert len(placed) == 4 and doomed not in placed
+    moved = [r.name for r in replicas if before[r.name] == doomed and r.node_id != doomed]
+    assert moved, "no call met the lost node's replicas"
+    assert all(where_now(r) != doomed for r in replicas)  # Ray placed every one elsewhere
     cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=100 << 20)  # for the tests after this one
 
 
 @pytest.mark.engine
 def test_a_replica_that_cannot_start_is_one_line_and_leaves_nothing_behind(
-    cluster, tiny_model_dirs, tmp_path
+    cluster, ray_pool, tiny_model_dirs
 ):
     from ray.util.placement_group import placement_group_table
-    from ray.util.state import list_actors
 
     from cordgen.engines.pool import EnginePool
     from cordgen.engines.roles import build_roles
@@ -334,30 +409,46 @@ def test_a_replica_that_cannot_start_is_one_line_and_leaves_nothing_behind(
     pool.shutdown()
     message = str(failure.value)
     assert "\n" not in message and time.monotonic() - started < 200
-    assert message.startswith("replica alpha/alpha-scorer#") and " failed to start: " in message
+    assert re.match(
+        rf"replica alpha/alpha-scorer#[01] \({re.escape(tiny_model_dirs['alpha'])}\) on node ", message
+    )
+    assert " failed to start: " in message and "; its log: ray logs actor --id " in message
     assert "KV cache" in message or "memory" in message, message
-    live_pgs = {pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"}
-    assert live_pgs <= before
-    for _ in range(50):
-        alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "EngineActor"]
-        if len(alive) <= 4:  # the module's replicas only
-            break
-        time.sleep(0.2)
-    assert len(alive) <= 4
+    assert_released(cluster, before, {r.pid for s in replica_sets(ray_pool) for r in s.replicas.values()})
+
+
+def engine_actor_processes(cluster) -> set[int]:
+    """Pids of the engine actors the cluster's raylets run (Ray titles them ray::EngineActor)."""
+    import psutil
+
+    pids = set()
+    for node in cluster.list_all_nodes():
+        for info in node.all_processes.get("raylet", []):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in psutil.Process(info.process.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if "EngineActor" in " ".join(child.cmdline()):
+                            pids.add(child.pid)
+    return pids
+
+
+CORDGEN = str(Path(sys.executable).with_name("cordgen"))
+
+
+def cli_recipe(tmp_path: Path, name: str, dirs, inputs, cluster, **overrides) -> str:
+    data = ray_recipe(dirs, ray_address=cluster.address, **overrides).model_dump(exclude_none=True)
+    data["input"] = {"path": write_inputs(tmp_path / "problems.jsonl", inputs)}
+    (tmp_path / name).write_text(yaml.safe_dump(data))
+    return name
 
 
 @pytest.mark.engine
-def test_cordgen_synth_on_a_cluster_writes_the_run_and_a_bad_plan_touches_nothing(
+def test_a_plan_larger_than_the_cluster_stops_the_command_before_anything_loads(
     cluster, tiny_model_dirs, inputs, tmp_path
 ):
-    """The command line, as `ray job submit -- cordgen synth ...` runs it: a plan too large for
-    the cluster is one line and exit 2 before anything loads."""
-    cordgen = str(Path(sys.executable).with_name("cordgen"))
-    data = ray_recipe(tiny_model_dirs, replicas=5, ray_address=cluster.address).model_dump(exclude_none=True)
-    data["input"] = {"path": write_inputs(tmp_path / "problems.jsonl", inputs)}
-    (tmp_path / "big.yaml").write_text(yaml.safe_dump(data))
+    config = cli_recipe(tmp_path, "big.yaml", tiny_model_dirs, inputs, cluster, replicas=5)
     result = subprocess.run(
-        [cordgen, "synth", "-c", "big.yaml", "-o", "run-big"],
+        [CORDGEN, "synth", "-c", config, "-o", "run"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -367,4 +458,77 @@ def test_cordgen_synth_on_a_cluster_writes_the_run_and_a_bad_plan_touches_nothin
     assert result.stderr.strip().splitlines() == [
         "error: the plan's replicas need 10 CPU; the Ray cluster has 6 CPU (nodes: 4)"
     ]
-    assert not (tmp_path / "run-big").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.engine
+def test_cordgen_synth_on_a_cluster_releases_every_replica_on_ctrl_c_and_kill_and_resumes(
+    cluster, ray_pool, tiny_model_dirs, inputs, tmp_path
+):
+    """The command line as `ray job submit -- cordgen synth ...` runs it. Replicas, their
+    processes and placement groups go when cordgen ends: stopped with Ctrl-C while its engines
+    start, or SIGKILLed once they run (Ray removes a dead driver's actors); then the same command
+    resumes and finishes, the driver writing the whole run."""
+    from ray.util.placement_group import placement_group_table
+
+    config = cli_recipe(tmp_path, "alpha.yaml", {"alpha": tiny_model_dirs["alpha"]}, inputs, cluster)
+    command = [CORDGEN, "synth", "-c", config, "-o", "run"]
+    groups = {pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"}
+    ours = {r.pid for s in replica_sets(ray_pool) for r in s.replicas.values()}
+    log = tmp_path / "run" / "engines.log"
+
+    stopped = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: engine_actor_processes(cluster) - ours, "no replica process appeared")
+    stopped.send_signal(signal.SIGINT)
+    assert stopped.wait(timeout=300) == 130, stopped.stderr.read()
+    assert_released(cluster, groups, ours)
+
+    def replicas_started() -> int:
+        return log.read_text().count("=== cordgen engine") if log.exists() else 0
+
+    earlier = replicas_started()
+    killed = subprocess.Popen(
+        command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    wait_for(lambda: replicas_started() >= earlier + 2, "replicas never started")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert_released(cluster, groups, ours)
+
+    result = subprocess.run(command + ["-q"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert len((run / "results.jsonl").read_bytes().splitlines()) == len(inputs)
+    manifest = orjson.loads((run / "manifest.json").read_bytes())
+    assert manifest["status"] == "complete" and manifest["sessions"] == 3
+    assert {n for r in manifest["replica_rounds"] for n in r["busy_seconds"]} == {
+        "alpha/alpha-scorer#0",
+        "alpha/alpha-scorer#1",
+    }
+    assert (
+        log.read_text().count("=== cordgen engine alpha/alpha-scorer#") >= 4
+        and "ray logs actor --id" in log.read_text()
+    )
+    assert_released(cluster, groups, ours)
+
+
+def wait_for(condition, failure: str, limit_s: float = 300) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
+def assert_released(cluster, groups: set, ours: set[int]) -> None:
+    """No engine process but the module's replicas, and no placement group but those there were
+    before, within a minute (Ray notices a dead driver within seconds)."""
+    from ray.util.placement_group import placement_group_table
+
+    def left() -> tuple[set[int], set]:
+        live = {pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"}
+        return engine_actor_processes(cluster) - ours, live - groups
+
+    deadline = time.monotonic() + 60
+    while any(left()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == (set(), set())

@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,7 @@ class EngineActor:
 @dataclass
 class Replica:
     name: str  # the engine's label and its index: "alpha/scorer#1"
+    model: str
     actor: Any
     group: PlacementGroup
     node: str = "?"
@@ -184,7 +186,7 @@ class Replica:
     @property
     def where(self) -> str:
         node = f"{self.node} ({self.node_id[:8]})" if self.node_id else self.node
-        return f"replica {self.name} on node {node}"
+        return f"replica {self.name} ({self.model}) on node {node}"
 
     def update(self, info: Mapping[str, Any]) -> str | None:
         """Where `ready` says the replica runs now (a restart may move it); its start failure."""
@@ -362,6 +364,7 @@ class RayEngines:
         self.cpu_build = cpu_build
         self.log_path = log_path
         self.clock = ReplicaClock()
+        self.tag = uuid.uuid4().hex[:8]  # placement-group names are unique per cluster namespace
         connect(placement.ray_address)
         self._actor_class = ray.remote(EngineActor)
         self.sets: list[ReplicaSet] = []
@@ -388,7 +391,7 @@ class RayEngines:
 
     def _place(self, settings: EngineSettings, name: str) -> Replica:
         bundles = bundles_of(settings, self.placement.cpus_per_replica, self.cpu_build)
-        group = placement_group(bundles, strategy="STRICT_PACK", name=f"cordgen:{name}")
+        group = placement_group(bundles, strategy="STRICT_PACK", name=f"cordgen-{self.tag}:{name}")
         gpu_executor = not self.cpu_build and settings.tensor_parallel_size > 1
         options = dict(
             num_cpus=self.placement.cpus_per_replica,
@@ -402,7 +405,7 @@ class RayEngines:
         threads = self.placement.cpus_per_replica if self.cpu_build else None
         engine_args = {"distributed_executor_backend": "ray"} if gpu_executor else {}
         actor = self._actor_class.options(**options).remote(settings, threads, engine_args)
-        return Replica(name, actor, group)
+        return Replica(name, settings.model, actor, group)
 
     def _wait_placed(self, replicas: Sequence[Replica]) -> None:
         timeout = self.placement.replica_timeout_s
