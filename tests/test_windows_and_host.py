@@ -233,6 +233,11 @@ class TestFitEnginesToHost:
             assert settings.enable_chunked_prefill is False
             assert settings.model == model
 
+    def test_each_ray_replica_counts_as_an_engine_when_sharing_the_host(self):
+        three = engine("m0", replicas=3)
+        fitted = fit_engines_to_host([three, engine("m1")], cpu_build=True, available_bytes=16 * GiB)
+        assert fitted[three].kv_cache_memory_bytes == fitted[engine("m1")].kv_cache_memory_bytes == GiB
+
     def test_the_share_is_capped(self):
         fitted = fit_engines_to_host([engine()], cpu_build=True, available_bytes=256 * GiB)
         assert fitted[engine()].kv_cache_memory_bytes == HOST_KV_CAP

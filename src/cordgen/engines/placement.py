@@ -121,11 +121,12 @@ def fit_engines_to_host(
         return {e: e for e in distinct}
     local = [e for e in distinct if e.remote is None]
     sized = [e for e in local if e.kv_cache_memory_bytes is None and e.gpu_memory_utilization is None]
-    share = min(HOST_KV_CAP, int(available_bytes * HOST_KV_SHARE / max(1, len(sized)))) >> 20 << 20
+    copies = sum(e.replicas for e in sized)  # Ray replicas on a one-machine cluster share it too
+    share = min(HOST_KV_CAP, int(available_bytes * HOST_KV_SHARE / max(1, copies))) >> 20 << 20
     if sized and share < HOST_KV_FLOOR:
         raise ConfigError(
             f"{available_bytes / 2**30:.1f} GiB of memory is free, too little for the KV caches of "
-            f"{len(sized)} engines; free memory or set kv_cache_memory_bytes"
+            f"{copies} engines; free memory or set kv_cache_memory_bytes"
         )
     fitted = {e: e for e in distinct}
     for engine in local:
