@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    OutOfMemoryError,
+    RayActorError,
+    RayTaskError,
+)
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -287,6 +294,10 @@ class ReplicaSet:
                 answers = ray.get(done[0])
             except RayTaskError as error:  # the engine raised: a bug or bad request, not a fault
                 raise EngineError(f"{self.name}, {self.replicas[name].where}: {error.cause!r}") from None
+            except OutOfMemoryError as error:  # Ray's memory monitor killed it: a restart would too
+                raise EngineError(
+                    f"{self.replicas[name].where} ran out of memory: {first_line(error)}"
+                ) from None
             except RayActorError as error:
                 for target, share in self._recover(name, shares[name], error, requests).items():
                     again.setdefault(target, []).extend(share)
