@@ -402,6 +402,7 @@ def test_a_replica_that_cannot_start_is_one_line_and_leaves_nothing_behind(
     data["scorer"]["engine"] = data["teachers"][0]["engine"]
     recipe = Recipe.model_validate(data)
     before = {pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"}
+    ours = engine_actor_processes(cluster)
     pool = EnginePool(recipe.placement)
     started = time.monotonic()
     with pytest.raises(EngineError) as failure:
@@ -414,7 +415,7 @@ def test_a_replica_that_cannot_start_is_one_line_and_leaves_nothing_behind(
     )
     assert " failed to start: " in message and "; its log: ray logs actor --id " in message
     assert "KV cache" in message or "memory" in message, message
-    assert_released(cluster, before, {r.pid for s in replica_sets(ray_pool) for r in s.replicas.values()})
+    assert_released(cluster, before, ours)
 
 
 def engine_actor_processes(cluster) -> set[int]:
@@ -474,10 +475,12 @@ def test_cordgen_synth_on_a_cluster_releases_every_replica_on_ctrl_c_and_kill_an
     config = cli_recipe(tmp_path, "alpha.yaml", {"alpha": tiny_model_dirs["alpha"]}, inputs, cluster)
     command = [CORDGEN, "synth", "-c", config, "-o", "run"]
     groups = {pg for pg, row in placement_group_table().items() if row["state"] != "REMOVED"}
-    ours = {r.pid for s in replica_sets(ray_pool) for r in s.replicas.values()}
+    ours = engine_actor_processes(cluster)  # the module's replicas, wherever Ray restarted them
     log = tmp_path / "run" / "engines.log"
 
-    stopped = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    stopped = subprocess.Popen(  # Ctrl-C's default action, even where this test's runner ignores it
+        command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     wait_for(lambda: engine_actor_processes(cluster) - ours, "no replica process appeared")
     stopped.send_signal(signal.SIGINT)
     assert stopped.wait(timeout=300) == 130, stopped.stderr.read()
@@ -512,6 +515,10 @@ def test_cordgen_synth_on_a_cluster_releases_every_replica_on_ctrl_c_and_kill_an
     assert_released(cluster, groups, ours)
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(condition, failure: str, limit_s: float = 300) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
@@ -532,3 +539,49 @@ def assert_released(cluster, groups: set, ours: set[int]) -> None:
     while any(left()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left() == (set(), set())
+
+
+@pytest.mark.engine
+def test_a_replica_that_cannot_come_back_in_time_stops_the_run_with_one_line(
+    cluster, tiny_model_dirs, inputs, tmp_path
+):
+    """A lost node whose replica finds no room elsewhere (the cluster's free CPUs are held) is
+    waited for `replica_timeout_s`, then the run stops naming it; nothing hangs."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from cordgen.engines.pool import EnginePool
+
+    recipe = ray_recipe({"alpha": tiny_model_dirs["alpha"]}, replica_restarts=1, replica_timeout_s=20)
+    pool = EnginePool(recipe.placement)
+    blocker = None
+    try:
+        from cordgen.engines.roles import build_roles
+
+        build_roles(recipe, pool)
+        (alpha,) = pool._models.values()
+        doomed = alpha.replicas["alpha/alpha-scorer#0"].node_id
+        free = int(ray.available_resources().get("CPU", 0))
+        if free:
+            blocker = placement_group([{"CPU": 1.0}] * free, strategy="SPREAD")
+            ray.get(blocker.ready(), timeout=60)
+        cluster.remove_node(
+            next(n for n in cluster.worker_nodes if n.node_id == doomed), allow_graceful=False
+        )
+        wait_until_dead(doomed)
+        started = time.monotonic()
+        with pytest.raises(EngineError) as failure:
+            execute_with(recipe, pool, tmp_path, inputs)
+        assert time.monotonic() - started < 120
+    finally:
+        pool.shutdown()
+        if blocker is not None:
+            remove_placement_group(blocker)
+        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=100 << 20)
+    assert re.fullmatch(
+        r"engine for alpha/alpha-scorer \(.*\): replica alpha/alpha-scorer#[01] \(.*\) on node \S+ "
+        rf"\({doomed[:8]}\) did not come back within 20 s \(placement.replica_timeout_s\); re-run to resume",
+        str(failure.value),
+    ), str(failure.value)
+    from cordgen.store import RunDirectory
+
+    assert RunDirectory(tmp_path / "run").manifest().status == "failed"
