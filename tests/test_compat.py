@@ -5,6 +5,7 @@ compat` end to end with resume, and `cordgen export --weights compat`."""
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import orjson
@@ -79,9 +80,17 @@ def test_weights_sum_to_one_and_follow_each_signal():
     config = CompatConfig()
     alpha = compat_weights([1.0, 2.0, 0.5], [3.0, 1.0, 0.0], [0.2, 0.9, 0.4], config)
     assert sum(alpha) == pytest.approx(1.0)
+
+    def population_z(values: list[float]) -> list[float]:  # by hand: the module's own zscores is under test
+        mean = statistics.fmean(values)
+        return [(v - mean) / statistics.pstdev(values) for v in values]
+
+    assert zscores([1.0, 2.0, 0.5]) == pytest.approx(population_z([1.0, 2.0, 0.5]))
     z = [
         a + b - c
-        for a, b, c in zip(zscores([1.0, 2.0, 0.5]), zscores([3.0, 1.0, 0.0]), zscores([0.2, 0.9, 0.4]))
+        for a, b, c in zip(
+            population_z([1.0, 2.0, 0.5]), population_z([3.0, 1.0, 0.0]), population_z([0.2, 0.9, 0.4])
+        )
     ]
     expected = [math.exp(v) / sum(math.exp(w) for w in z) for v in z]
     assert alpha == pytest.approx(expected)
@@ -217,11 +226,15 @@ def test_compat_pass_weights_each_problem_and_resumes(student, responses, tmp_pa
 
 def test_cli_compat_prints_the_teacher_table(responses, tmp_path):
     out = tmp_path / "compat.jsonl"
-    result = CliRunner().invoke(
-        app, ["compat", str(responses), "--student", DEMO_STUDENT, "--out", str(out), "-q"]
-    )
+    result = CliRunner().invoke(app, ["compat", str(responses), "--student", DEMO_STUDENT, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert set(load_compat(out)) == {"p1", "p2"}
+    table = result.output[result.output.index("compatibility with") :]
+    cells = [[c.strip() for c in line.strip("│ ").split("│")] for line in table.splitlines()]
+    rows = {row[0]: row[1:3] for row in cells if len(row) == 8}  # teacher: traces, alpha
+    assert set(rows) == {"buggy", "good", "also-good"}
+    assert all(traces == "2" for traces, _ in rows.values())
+    assert float(rows["buggy"][1]) < float(rows["good"][1])
     result = CliRunner().invoke(app, ["compat", str(responses), "--student", DEMO_STUDENT, "--betas", "1,2"])
     assert result.exit_code == 2 and "--betas: expected 3" in result.output
 

@@ -23,15 +23,16 @@ from cordgen.synth import plan_run
 from tests.helpers import make_record, resolved, snapshot, write_problems, write_recipe
 from tests.tiny_models import CHATML
 
-# q0: two steps by two teachers, the last without a trailing newline
+# q0: two steps, by b and then a (the record's teacher list is [a, b]), the last without a
+# trailing newline
 Q0_TEXT = "<think>\n### Step 1. 1 + 1 = 2\n### Step 2. 2 + 1 = 3</think>\n\nThe final answer is 3."
 Q1_TEXT = "<think>\n### Step 1. 1 + 1 = 2\n</think>\n\nThe final answer is 1."
 
 
 def two_step_record(problem_id: str) -> TraceRecord:
     steps = (
-        Step(" 1 + 1 = 2\n", ("a",), 6, FinishReason.STEP, 1, 0.5),
-        Step(" 2 + 1 = 3", ("b", "a"), 5, FinishReason.END_OF_THINKING, 2, 0.25),
+        Step(" 1 + 1 = 2\n", ("b",), 6, FinishReason.STEP, 1, 0.5),
+        Step(" 2 + 1 = 3", ("a", "b"), 5, FinishReason.END_OF_THINKING, 2, 0.25),
     )
     final = FinalAnswer("b", " The final answer is 3.\n", 7, FinishReason.EOS)
     result = trajectory_record(Beam(steps, ClosedBy.END_OF_THINKING), final)
@@ -124,7 +125,7 @@ def test_messages_render_through_a_chat_template(run, tmp_path):
             "id": "q0",
             "gold_answer": "3",
             "strategy": "cord",
-            "teachers": ["a", "b"],
+            "teachers": ["b", "a"],  # per step, not the record's list
             "step_scores": [0.5, 0.25],
             "score": 0.25,
             "perplexity": 4.0,

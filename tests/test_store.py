@@ -148,3 +148,22 @@ def test_merge_refuses_mismatched_configs(setup, tmp_path):
     with pytest.raises(CordgenError, match=r"config differs from .*search.beam_width \(2 -> 4\)"):
         merge_runs([a, b], tmp_path / "all")
     assert not (tmp_path / "all").exists()
+
+
+def test_the_merge_command_unions_shards_and_refuses_another_input(setup, tmp_path):
+    from typer.testing import CliRunner
+
+    from cordgen.cli import app
+
+    runs = shard_runs(setup)
+    result = CliRunner().invoke(app, ["merge", *map(str, runs), "--out", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert "merged 2 runs: 6 problems, 0 duplicates dropped, 0 conflicting, 0 missing" in result.output
+    assert [r.id for r in RunDirectory(tmp_path / "all").records()] == [f"q{i}" for i in range(6)]
+    recipe_path, _, out = setup
+    other = write_problems(tmp_path / "other.jsonl", count=7)
+    stranger = started(resolved(recipe_path, input=other, out=out / "other"), Shard(1, 2)).run_dir.path
+    result = CliRunner().invoke(app, ["merge", str(runs[0]), str(stranger), "--out", str(tmp_path / "mixed")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {stranger}: made from another input than {runs[0]}"
+    assert not (tmp_path / "mixed").exists()

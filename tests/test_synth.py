@@ -82,7 +82,7 @@ def test_every_round_is_one_call_per_teacher_and_one_scorer_call(cord_records, i
     assert calls[("alpha", "propose")] == calls[("beta", "propose")] == rounds
     assert calls[("alpha-scorer", "score")] == rounds
     assert calls[("alpha", "answer")] + calls[("beta", "answer")] <= 2 * rounds
-    assert len({r.usage.rounds for r in records}) >= 1
+    assert all(len(r.result.steps) <= r.usage.rounds <= rounds for r in records)
 
 
 def test_records_carry_full_provenance(cord_records, inputs):
