@@ -145,6 +145,92 @@ def test_ctrl_c_at_a_terminal_finishes_the_round_and_resumes(workdir, uninterrup
     assert records_of(out) == uninterrupted
 
 
+def test_sigterm_as_a_scheduler_sends_it_stops_at_the_round_boundary_and_resumes(workdir, uninterrupted):
+    """Slurm, Kubernetes and Ray stop a job with SIGTERM: the same as a first Ctrl-C."""
+    out = workdir / "terminated"
+    code, stderr = start_and_interrupt(command(workdir, out), out, signal.SIGTERM, delay=0.0)
+    assert code == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted; re-run the same command to resume")
+    assert RunDirectory(out).manifest().status == "interrupted"
+    written = records_of(out)
+    assert 0 < len(written) < len(uninterrupted)
+    assert written == {i: uninterrupted[i] for i in written}
+    finished = subprocess.run([*command(workdir, out), "-q"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert records_of(out) == uninterrupted
+
+
+def test_a_second_signal_exits_at_once_with_whole_lines_only(workdir, uninterrupted):
+    out = workdir / "twice"
+    written = result_lines(out)
+    process = subprocess.Popen(
+        [*command(workdir, out), "-q"], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        while result_lines(out) == written and process.poll() is None:
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert time.monotonic() - signalled < 10  # at once, not after the round in flight
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    data = (out / "results.jsonl").read_bytes()
+    assert data.endswith(b"\n")
+    assert records_of(out) == {i: uninterrupted[i] for i in records_of(out)}
+
+
+class SignalDuringRound:
+    """An engine that sends this process SIGTERM from inside the propose call of one round, as
+    a scheduler's signal lands mid-round."""
+
+    def __init__(self, model, marker: str, at_round: int) -> None:
+        self.model, self.marker, self.at_round, self.rounds = model, marker, at_round, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def sample(self, requests):
+        if requests and self.marker in requests[0].stop:
+            self.rounds += 1
+            if self.rounds == self.at_round:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return self.model.sample(requests)
+
+
+class SignallingPool:
+    def __init__(self, pool, at_round: int) -> None:
+        self.pool, self.at_round = pool, at_round
+
+    def load(self, labels) -> None:
+        self.pool.load(labels)
+
+    def model(self, settings):
+        return SignalDuringRound(self.pool.model(settings), "### Step", self.at_round)
+
+    def replica_seconds(self) -> dict:
+        return {}
+
+
+def test_the_round_in_flight_when_sigterm_lands_is_written(workdir, uninterrupted, engine_pool, tmp_path):
+    from cordgen.synth import GracefulStop, Interrupted
+
+    finishing = sorted({r["usage"]["rounds"] for r in uninterrupted.values()})
+    at_round = finishing[1]  # some problems finish in it, and others earlier
+    data = yaml.safe_load((workdir / "recipe.yaml").read_text())
+    data |= {"input": {"path": str(workdir / "problems.jsonl")}, "output": {"path": str(tmp_path / "run")}}
+    plan = plan_run(Recipe.model_validate(data))
+    with GracefulStop(lambda message: None) as stop, pytest.raises(Interrupted):
+        execute(plan, NoObserver(), lambda records: None, stop, pool=SignallingPool(engine_pool, at_round))
+    written = records_of(tmp_path / "run")
+    assert set(written) == {i for i, r in uninterrupted.items() if r["usage"]["rounds"] <= at_round}
+    assert written == {i: uninterrupted[i] for i in written}
+    assert RunDirectory(tmp_path / "run").manifest().status == "interrupted"
+
+
 def test_shards_merged_equal_one_unsharded_run(
     tmp_path, tiny_model_dirs, engine_pool, alpha_model, beta_model
 ):
