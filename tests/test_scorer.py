@@ -14,9 +14,10 @@ pytestmark = pytest.mark.engine
 
 
 def make_scorer(model, **overrides):
-    from cordgen.engines.roles import EngineScorer
+    from cordgen.engines.scorers import LogprobScorer, PredictiveReading, Weighted
 
-    return EngineScorer(ScorerConfig(engine=model.settings, **overrides), model, StepFormat())
+    config = ScorerConfig(engine=model.settings, **overrides)
+    return LogprobScorer(config, [Weighted(PredictiveReading(config, model, StepFormat()), 1.0)])
 
 
 def score_requests(problems) -> list[ScoreRequest]:
@@ -49,8 +50,9 @@ def test_answer_logprobs_match_a_transformers_forward_pass(alpha_model, referenc
     scores = scorer.score(requests)
     worst = 0.0
     for request, score in zip(requests, scores):
-        context, answer = scorer.chat.scoring_ids(
-            request.question, request.steps, scorer.config.answer_suffix, request.answer
+        reading = scorer.readings[0].reading
+        context, answer = reading.chat.scoring_ids(
+            request.question, request.steps, reading.suffix, request.answer
         )
         expected = transformers_answer_logprobs(reference_model, context, answer)
         assert len(score.answer_logprobs) == len(expected)
@@ -122,3 +124,70 @@ def test_scorer_shares_the_teacher_engine(engine_pool, alpha_model, tiny_model_d
     before = len(engine_pool)
     assert engine_pool.model(engine_settings(tiny_model_dirs["alpha"])) is alpha_model
     assert len(engine_pool) == before
+
+
+VERDICTS = {"yes": "Y", "no": "N", "prompt": "\nIs step {step} right?"}  # single bytes of the tiny BPEs
+
+
+class CountingModel:
+    """A real engine whose prompt-logprob calls are counted (requests per call)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def span_logprobs(self, requests, read_cache):
+        self.calls.append(len(requests))
+        return self.inner.span_logprobs(requests, read_cache)
+
+
+class OneModelPool:
+    def __init__(self, model) -> None:
+        self.counted = CountingModel(model)
+
+    def load(self, labels) -> None:
+        pass
+
+    def model(self, settings):
+        return self.counted
+
+
+def kind_scorer(model, kind: str, **overrides):
+    from cordgen.engines.scorers import build_scorer
+
+    config = ScorerConfig(engine=model.settings, kind=kind, verifier=VERDICTS, **overrides)
+    pool = OneModelPool(model)
+    return build_scorer(config, StepFormat(), pool), pool.counted
+
+
+def test_a_verdict_matches_a_transformers_forward_pass(alpha_model, reference_model, problems):
+    scorer, _ = kind_scorer(alpha_model, "verifier", reuse_prefix_cache=False)
+    reading = scorer.readings[0].reading
+    requests = [
+        ScoreRequest(p.question, p.steps[:k], p.answer) for p in problems[:3] for k in (1, len(p.steps))
+    ]
+    for request, verdict in zip(requests, scorer.score(requests)):
+        ids = reading.prompt_ids(request.question, request.steps)
+        thinking = reading.chat.thinking_text(request.question, request.steps)
+        assert alpha_model.tokenizer.decode(ids) == thinking + f"\nIs step {len(request.steps)} right?"
+        with torch.no_grad():
+            logprobs = reference_model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+        yes, no = (logprobs[token].item() for token in reading.verdicts)
+        assert (verdict.yes_logprob, verdict.no_logprob) == pytest.approx((yes, no), abs=1e-3)
+        assert verdict.score == pytest.approx(math.exp(yes) / (math.exp(yes) + math.exp(no)), rel=1e-3)
+        assert verdict.components == {"verifier": verdict.score}
+
+
+def test_a_hybrid_on_one_engine_reads_both_kinds_in_one_call(alpha_model, problems):
+    requests = score_requests(problems)[:6]
+    hybrid, counted = kind_scorer(alpha_model, "hybrid", verifier_weight=2.0)
+    scores = hybrid.score(requests)
+    assert counted.calls == [3 * len(requests)]  # the answer span, then each verdict, per request
+    predictive = make_scorer(alpha_model).score(requests)
+    verdicts = kind_scorer(alpha_model, "verifier")[0].score(requests)
+    for h, p, v in zip(scores, predictive, verdicts):
+        assert h.components == {"predictive": pytest.approx(p.score), "verifier": pytest.approx(v.score)}
+        assert h.score == pytest.approx(p.score * v.score**2, rel=1e-6)
+        assert h.num_prompt_tokens == p.num_prompt_tokens + v.num_prompt_tokens

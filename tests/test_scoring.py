@@ -126,6 +126,30 @@ def test_scoring_resumes_after_a_torn_write(synth_run, engine_pool, tmp_path):
 
 
 @pytest.mark.engine
+def test_another_kind_rescores_a_finished_run_into_its_own_file(synth_run, engine_pool, tmp_path):
+    recipe = yaml.safe_load((synth_run / "config.yaml").read_text())
+    recipe["scorer"]["verifier"] = {"yes": "Y", "no": "N"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    plan = plan_scoring(synth_run, recipe_path=tmp_path / "recipe.yaml", kind="hybrid", verifier_spec="beta")
+    assert plan.output.path == synth_run / "scores.hybrid.jsonl"
+    assert plan.scorer.verifier.engine.model == recipe["teachers"][1]["engine"]["model"]
+    execute_scoring(plan, lambda records, tokens: None, pool=engine_pool)
+    scores = load_scores(plan.output.path)
+    records = {r.id: r for r in RunDirectory(synth_run).records()}
+    for problem_id, score in scores.items():
+        assert score.kind == "hybrid"
+        steps = records[problem_id].result.steps
+        assert [s.scores["predictive"] for s in score.steps] == pytest.approx(
+            [s.score for s in steps], rel=1e-3
+        )
+        for step in score.steps:
+            assert 0 < step.scores["verifier"] < 1
+            assert step.score == pytest.approx(step.scores["predictive"] * step.scores["verifier"], rel=1e-6)
+    with pytest.raises(CordgenError, match=r"scored by alpha-scorer \(hybrid\), not alpha-scorer \(random\)"):
+        plan_scoring(synth_run, plan.output.path, kind="random")
+
+
+@pytest.mark.engine
 def test_foreign_traces_score_like_the_same_trace_in_a_run(synth_run, engine_pool, tmp_path):
     records = list(RunDirectory(synth_run).records())
     rows = []

@@ -203,3 +203,59 @@ def test_cli_synth_writes_one_valid_record_per_problem(tiny_model_dirs, inputs, 
     assert yaml.safe_load((out / "config.yaml").read_text())["scorer"]["name"] == "alpha"
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "already in" in rerun.stderr
+
+
+class CountingPool:
+    """The session's engines, each prompt-logprob call counted per model directory and whether it
+    read the prefix cache (calls without are the placeholder guard's re-reads)."""
+
+    def __init__(self, inner, calls: Counter) -> None:
+        self.inner, self.calls = inner, calls
+
+    def load(self, labels) -> None:
+        self.inner.load(labels)
+
+    def model(self, settings):
+        inner, calls = self.inner.model(settings), self.calls
+
+        class Counted:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def span_logprobs(self, requests, read_cache):
+                calls[(settings.model, read_cache)] += 1
+                return inner.span_logprobs(requests, read_cache)
+
+        return Counted()
+
+
+def test_a_hybrid_with_its_own_judge_reads_each_engine_once_a_round_and_records_both_kinds(
+    cord_records, tiny_model_dirs, engine_pool, inputs
+):
+    data = recipe_data(tiny_model_dirs)
+    judge = {"engine": data["teachers"][1]["engine"], "yes": "Y", "no": "N"}
+    data["scorer"] |= {"kind": "hybrid", "verifier_weight": 2.0, "verifier": judge}
+    calls: Counter = Counter()
+    records = run(Recipe.model_validate(data), CountingPool(engine_pool, calls), inputs)
+    rounds = max(r.usage.rounds for r in records)
+    assert calls[(tiny_model_dirs["alpha"], True)] == calls[(tiny_model_dirs["beta"], True)] == rounds
+    assert calls.total() <= 4 * rounds
+    for record in records:
+        for step in record.result.steps:
+            assert set(step.scores) == {"predictive", "verifier"}
+            expected = step.scores["predictive"] * step.scores["verifier"] ** 2
+            assert step.score == pytest.approx(expected, rel=1e-6)
+    plain, _ = cord_records
+    assert [r.result.steps[0].scores for r in plain] == [
+        {"predictive": r.result.steps[0].score} for r in plain
+    ]
+
+
+def test_the_random_kind_loads_no_scorer_and_is_seeded(tiny_model_dirs, engine_pool, inputs):
+    data = recipe_data(tiny_model_dirs)
+    data["scorer"]["kind"] = "random"
+    calls: Counter = Counter()
+    records = run(Recipe.model_validate(data), CountingPool(engine_pool, calls), inputs[:4])
+    assert not calls and all(r.usage.scored_tokens == 0 for r in records)
+    assert all(set(s.scores) == {"random"} for r in records for s in r.result.steps)
+    assert run(Recipe.model_validate(data), engine_pool, inputs[:4]) == records

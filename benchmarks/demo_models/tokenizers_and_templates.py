@@ -69,6 +69,15 @@ STYLES = {
         pad="<|pad|>",
         unk="<|unk|>",
     ),
+    "verdicts": Style(  # ChatML with the verifier's verdict tokens: cordgen's defaults, one token each
+        specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"),
+        pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant", " Yes", " No"),
+        order=("specials", "pieces", "chars"),
+        template=CHATML,
+        eos="<|im_end|>",
+        pad="<|pad|>",
+        unk="<|unk|>",
+    ),
     "tags": Style(  # ids laid out characters first, specials last
         specials=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"),
         pieces=STEP_PIECES + WORD_PIECES,
@@ -106,6 +115,8 @@ ALIASES = {
     "[/INST]": "<|im_end|>",
     "### ": "### Step ",
     "Step ": "### Step ",
+    " Yes": "Y",
+    " No": "N",
 }
 
 

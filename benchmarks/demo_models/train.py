@@ -9,7 +9,10 @@ teacher is cut out of it into its own tokenizer (embedding rows looked up by str
 clean model never saw started from an alias) and fine-tuned, in its own chat template, on traces
 written with its bug rule. Two scorers are the clean model trained further in ChatML: `scorer` also
 on traces cut after step k and closed with the gold answer (see --scorer-truncated), so that
-intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. Every
+intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. The
+`verifier` is the scorer taught to judge a trajectory's latest step: after cordgen's default
+verifier question it answers ` Yes` or ` No`, labelled by the task's checker over steps written
+right, under every teacher's bug rule and with arithmetic slips. Every
 model is saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json
 records per model: data sizes, seeds, steps, wall time, final loss and a greedy held-out
 evaluation.
@@ -43,7 +46,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from cordgen.config import ChatSettings, StepFormat
+from cordgen.config import ChatSettings, StepFormat, VerifierSettings
 from cordgen.prompts import ChatPrompt, split_trace
 
 
@@ -69,12 +72,14 @@ BUDGETS = {
     # after 500 steps it was still at loss 0.114, 36% valid steps and 4.5% right answers.
     "teacher-c": Budget(steps=1200, lr=1e-3, problems=25_000),
     "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
+    "verifier": Budget(steps=800, lr=1e-3, problems=25_000),
 }
 QUICK_BUDGETS = {
     "clean": Budget(steps=6, lr=3e-3, problems=1_000),
     "teacher": Budget(steps=2, lr=1e-3, problems=200),
     "teacher-c": Budget(steps=2, lr=1e-3, problems=200),
     "scorer": Budget(steps=2, lr=1e-3, problems=200),
+    "verifier": Budget(steps=2, lr=1e-3, problems=200),
 }
 EVAL_PROBLEMS, QUICK_EVAL_PROBLEMS = 200, 4
 QUICK_EVAL_TOKENS = 16  # barely trained models never stop: cap their greedy traces in a smoke test
@@ -86,14 +91,17 @@ SEEDS = {
     "teacher-c": 3,
     "scorer": 4,
     "scorer-final": 5,
+    "verifier": 6,
     "heldout": 1000,
 }
 CLEAN_STYLE = "chatml"
 TEACHERS = {"teacher-a": ("chatml", "a"), "teacher-b": ("tags", "b"), "teacher-c": ("inst", "c")}
 SCORERS = {"scorer": None, "scorer-final": 0.0}  # share of truncated traces: None = --scorer-truncated
-MODELS = ("clean", *TEACHERS, *SCORERS)
+VERIFIER_STYLE = "verdicts"
+MODELS = ("clean", *TEACHERS, *SCORERS, "verifier")
 FMT = StepFormat()
 ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
+VERIFIER = VerifierSettings()  # cordgen's default verifier question and verdicts
 
 
 def conversation(chat: ChatPrompt, problem: task.Problem, bug: str | None) -> str:
@@ -154,6 +162,96 @@ def batches(
             cut = rng.randint(1, len(problem.ops) - 1) if rng.random() < truncated else None
             rows.append(source.encode(problem, cut))
         yield collate(rows)
+
+
+def slipped(value: int, rng: random.Random) -> int:
+    """A wrong result of the kinds column arithmetic makes: a carry or borrow dropped or added
+    (10 or 100 off), or one digit miswritten."""
+    while True:
+        if rng.random() < 0.5:
+            wrong = value + rng.choice((-100, -10, 10, 100))
+        else:
+            digits = list(str(value))
+            digits[rng.randrange(len(digits))] = str(rng.randrange(10))
+            wrong = int("".join(digits))
+        if wrong >= 0 and wrong != value:
+            return wrong
+
+
+def judged_steps(problem: task.Problem, rng: random.Random) -> tuple[tuple[str, ...], bool]:
+    """A trajectory for the verifier to judge, and whether its latest step is right: the earlier
+    steps follow a random teacher's rule (or none), the latest is right or wrong half the time,
+    wrong as some teacher's rule writes it where one fires there, else as a slip."""
+    bug = rng.choice((None, *task.BUGS))
+    trace = task.render_trace(problem, task.BUGS[bug] if bug else None)
+    k = rng.randint(1, len(trace.steps))
+    step = task.parse_step(trace.steps[k - 1])
+    assert step is not None
+    a, op, b, _ = step
+    right = task.apply(a, op, b)
+    correct = rng.random() < 0.5
+    written = right
+    if not correct:
+        rules = [w for rule in task.BUGS.values() if (w := rule(a, op, b)) is not None]
+        written = rng.choice(rules) if rules and rng.random() < 0.5 else slipped(right, rng)
+    return (*trace.steps[: k - 1], f" {a} {op} {b} = {written}\n"), correct
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The verifier's examples, asked exactly as cordgen's verifier asks: the trajectory in the
+    assistant's thinking, the question about its latest step, then one verdict token."""
+
+    tokenizer: PreTrainedTokenizerFast
+
+    @cached_property
+    def chat(self) -> ChatPrompt:
+        return ChatPrompt(self.tokenizer, ChatSettings(), FMT)
+
+    @cached_property
+    def verdicts(self) -> tuple[int, int]:
+        (yes,), (no,) = self.chat.encode(VERIFIER.yes), self.chat.encode(VERIFIER.no)
+        return yes, no
+
+    def prompt(self, problem: task.Problem, steps: Sequence[str]) -> list[int]:
+        text = self.chat.thinking_text(problem.question, steps) + VERIFIER.prompt.format(step=len(steps))
+        return self.chat.encode(text)
+
+    def encode(self, problem: task.Problem, rng: random.Random) -> tuple[list[int], list[int]]:
+        steps, correct = judged_steps(problem, rng)
+        ids, verdict = self.prompt(problem, steps), self.verdicts[0 if correct else 1]
+        return ids + [verdict], [-100] * len(ids) + [verdict]
+
+
+def judge_batches(
+    judge: Judge, problems: Sequence[task.Problem], steps: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    rng = random.Random(seed)
+    for _ in range(steps):
+        yield collate([judge.encode(rng.choice(problems), rng) for _ in range(BATCH)])
+
+
+def evaluate_judge(model: LlamaForCausalLM, judge: Judge, problems: Sequence[task.Problem]) -> dict:
+    """Verdict accuracy (p(yes) against p(no)) on two judged trajectories per held-out problem,
+    overall and where the judged step is not the problem's last."""
+    start, rng = time.perf_counter(), random.Random(SEEDS["heldout"])
+    right, middle, middle_right, n = 0, 0, 0, 0
+    for problem in problems:
+        for _ in range(2):
+            steps, correct = judged_steps(problem, rng)
+            with torch.no_grad():
+                logits = model(torch.tensor([judge.prompt(problem, steps)])).logits[0, -1]
+            yes, no = (logits[v].item() for v in judge.verdicts)
+            hit = (yes > no) == correct
+            right, n = right + hit, n + 1
+            if len(steps) < len(problem.ops):
+                middle, middle_right = middle + 1, middle_right + hit
+    return {
+        "judged": n,
+        "verdict_accuracy": round(right / n, 4),
+        "middle_verdict_accuracy": round(middle_right / max(1, middle), 4),
+        "eval_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def log(message: str) -> None:
@@ -311,10 +409,15 @@ def finish(
     bug: str | None,
     record: dict,
     report: dict,
+    judge: Judge | None = None,
 ) -> None:
-    """Saves the model, evaluates it and writes the report, so a long run keeps what it did."""
+    """Saves the model, evaluates it (a judge on its verdicts) and writes the report, so a long
+    run keeps what it did."""
     save(model, tokenizer, run.out / name, bug)
-    record["eval"] = evaluate(model, tokenizer, run.heldout, bug, run.eval_tokens)
+    if judge is None:
+        record["eval"] = evaluate(model, tokenizer, run.heldout, bug, run.eval_tokens)
+    else:
+        record["eval"] = evaluate_judge(model, judge, run.heldout)
     record["parameters"] = sum(p.numel() for p in model.parameters())
     report["models"][name] = record
     (run.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -335,6 +438,13 @@ def clean_model(run: Run, report: dict) -> tuple[LlamaForCausalLM, PreTrainedTok
 
 
 def train_all(run: Run, report: dict) -> None:
+    if any(name in run.models for name in ("clean", *TEACHERS, *SCORERS)):
+        train_from_clean(run, report)
+    if "verifier" in run.models:
+        train_verifier(run, report)
+
+
+def train_from_clean(run: Run, report: dict) -> None:
     clean, clean_tokenizer = clean_model(run, report)
     for name, (style, bug) in TEACHERS.items():
         if name in run.models:
@@ -351,6 +461,21 @@ def train_all(run: Run, report: dict) -> None:
             record = {"style": CLEAN_STYLE, "bug": None, "init": "clean"}
             record |= fit(name, model, Source(clean_tokenizer), run.budgets["scorer"], share)
             finish(run, name, model, clean_tokenizer, None, record, report)
+
+
+def train_verifier(run: Run, report: dict) -> None:
+    """Starts from OUT/scorer (trained earlier in the run, or before): a model that already reads
+    a trajectory's value, in the verdict style's tokenizer."""
+    tokenizer = build_tokenizer(STYLES[VERIFIER_STYLE])
+    scorer = LlamaForCausalLM.from_pretrained(run.out / "scorer")
+    model = cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer)
+    judge, budget, seed = Judge(tokenizer), run.budgets["verifier"], SEEDS["verifier"]
+    torch.manual_seed(seed)
+    problems = task.sample_problems(budget.problems, seed)
+    record = {"style": VERIFIER_STYLE, "bug": None, "init": "scorer", "prompt": VERIFIER.prompt}
+    record |= {**asdict(budget), "seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps}
+    record |= train("verifier", model, judge_batches(judge, problems, budget.steps, seed), budget)
+    finish(run, "verifier", model, tokenizer, None, record, report, judge)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

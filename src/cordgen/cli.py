@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast, get_args
 
 import typer
 import yaml
@@ -16,6 +16,7 @@ from cordgen import __version__
 from cordgen.errors import INTERRUPTED, RUN_FAILED, CordgenError
 
 if TYPE_CHECKING:
+    from cordgen.config import ScorerKind
     from cordgen.export import ExportReport
 
 app = typer.Typer(
@@ -334,16 +335,36 @@ def score(
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Stream the scorer engine's log here instead of its log file."
     ),
+    kind: str | None = typer.Option(
+        None,
+        "--kind",
+        help="Scorer kind: predictive, verifier, hybrid or random (default: the recipe's); "
+        "another kind than the recipe's writes scores.KIND.jsonl.",
+    ),
+    verifier: str | None = typer.Option(
+        None, "--verifier", help="The judge for verifier/hybrid: a teacher of the recipe or a model."
+    ),
 ) -> None:
-    """Per-step predictive perplexity and final-answer correctness (math-verify) for every trace.
+    """Per-step scores (the recipe's scorer kind, or --kind) and final-answer correctness
+    (math-verify) for every trace.
 
     Scores go to a separate file keyed by id; re-running resumes."""
     from cordgen.scoring import ForeignFields, plan_scoring
 
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
+    chosen = scorer_kind(kind)
     with one_line_errors():
-        plan = plan_scoring(source, out, scorer, config, fields, overwrite)
+        plan = plan_scoring(source, out, scorer, config, fields, overwrite, chosen, verifier)
         run_score(plan, batch_size, timeout, quiet, verbose)
+
+
+def scorer_kind(kind: str | None) -> ScorerKind | None:
+    from cordgen.config import ScorerKind
+
+    kinds = get_args(ScorerKind)
+    if kind is not None and kind not in kinds:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(kinds)}", param_hint="--kind")
+    return cast("ScorerKind | None", kind)
 
 
 def run_score(plan, batch_size: int, timeout: float, quiet: bool, verbose: bool) -> None:

@@ -214,13 +214,74 @@ class TeacherConfig(StrictModel):
     sampling: SamplingSettings = SamplingSettings()
 
 
+ScorerKind = Literal["predictive", "verifier", "hybrid", "random"]
+# Kinds and the scores they read: a hybrid reads both and ranks by their weighted log sum.
+KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "predictive": ("predictive",),
+    "verifier": ("verifier",),
+    "hybrid": ("predictive", "verifier"),
+    "random": ("random",),
+}
+VERIFIER_FIELDS = re.compile(r"{(\w*)}")
+
+
+class VerifierSettings(StrictModel):
+    """A generative judge: p(yes) against p(no) for a verdict token after the trajectory and a
+    question about its latest step. The question follows the trajectory in the same assistant
+    turn, so the judge reads the trajectory from its prefix cache, round after round."""
+
+    engine: EngineSettings | None = Field(
+        None, description="the judge model; unset: the scorer's own engine (one call reads both kinds)"
+    )
+    chat: ChatSettings = Field(ChatSettings(), description="the judge's chat rendering, with its own engine")
+    prompt: str = Field(
+        "\n\nIs step {step} correct?",
+        min_length=1,
+        description="follows the trajectory; {step} is the latest step's number",
+    )
+    yes: str = Field(" Yes", min_length=1, description="a single token of the judge's tokenizer")
+    no: str = Field(" No", min_length=1, description="a single token of the judge's tokenizer")
+
+    @field_validator("prompt")
+    @classmethod
+    def _only_step_field(cls, value: str) -> str:
+        unknown = sorted({f for f in VERIFIER_FIELDS.findall(value) if f != "step"})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; only {{step}}")
+        try:
+            value.format(step=1)
+        except (ValueError, IndexError, KeyError) as error:
+            raise ValueError(f"not a format string with {{step}}: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_verdicts(self) -> VerifierSettings:
+        if self.yes == self.no:
+            raise ValueError(f"yes and no are the same verdict {self.yes!r}")
+        return self
+
+
 class ScorerConfig(StrictModel):
-    """The paper's meta-prover: scores a partial trajectory by how likely it makes the gold answer."""
+    """Scores each candidate trajectory. `predictive` is the paper's meta-prover: how likely the
+    trajectory makes the gold answer; `verifier` a judge's p(the latest step is correct);
+    `hybrid` ranks by log S + verifier_weight * log p(correct); `random` is the ablation."""
 
     name: str = Field("scorer", pattern=NAME_PATTERN)
     engine: EngineSettings
     chat: ChatSettings = ChatSettings()
     answer_suffix: str = "</think> The final answer is "
+    kind: ScorerKind = Field(
+        "predictive",
+        description="predictive | verifier | hybrid | random",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
+    verifier: VerifierSettings = Field(VerifierSettings(), json_schema_extra=HASHED_UNLESS_DEFAULT)
+    verifier_weight: float = Field(
+        1.0,
+        ge=0,
+        description="hybrid: w in log S + w * log p(correct)",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
     reuse_prefix_cache: bool = Field(True, json_schema_extra=THROUGHPUT)
     max_requests_per_call: int = Field(
         256,
@@ -228,6 +289,25 @@ class ScorerConfig(StrictModel):
         description="bounds the prompt-logprob memory of one engine call",
         json_schema_extra=THROUGHPUT,
     )
+
+    @property
+    def judge(self) -> tuple[EngineSettings, ChatSettings] | None:
+        """The verifier's engine and chat settings, for the kinds that read one."""
+        if "verifier" not in KIND_COMPONENTS[self.kind]:
+            return None
+        if self.verifier.engine is None:
+            return self.engine, self.chat
+        return self.verifier.engine, self.verifier.chat
+
+    def engines(self) -> dict[EngineSettings, str]:
+        """The engines this scorer reads, each with the role name it loads under."""
+        engines: dict[EngineSettings, str] = {}
+        if "predictive" in KIND_COMPONENTS[self.kind]:
+            engines[self.engine] = self.name
+        if self.judge is not None:
+            judge = self.judge[0]
+            engines.setdefault(judge, self.name if judge == self.engine else f"{self.name}-verifier")
+        return engines
 
 
 Strategy = Literal["cord", "single", "curate"]
@@ -350,15 +430,21 @@ def resolve_model_source(model: str) -> str:
     raise ConfigError(f"model path does not exist: {model}")
 
 
-def check_role_sources(role: TeacherConfig | ScorerConfig) -> None:
-    """The role's model, tokenizer and chat template exist, before anything loads."""
-    resolve_model_source(role.engine.model)
-    if role.engine.tokenizer is not None:
-        resolve_model_source(role.engine.tokenizer)
+def check_engine_sources(name: str, engine: EngineSettings, chat: ChatSettings) -> None:
+    resolve_model_source(engine.model)
+    if engine.tokenizer is not None:
+        resolve_model_source(engine.tokenizer)
     try:
-        load_chat_template(role.chat.chat_template)
+        load_chat_template(chat.chat_template)
     except ConfigError as error:
-        raise ConfigError(f"{role.name}: {error}") from None
+        raise ConfigError(f"{name}: {error}") from None
+
+
+def check_role_sources(role: TeacherConfig | ScorerConfig) -> None:
+    """The role's models, tokenizers and chat templates exist, before anything loads."""
+    check_engine_sources(role.name, role.engine, role.chat)
+    if isinstance(role, ScorerConfig) and role.judge is not None:
+        check_engine_sources(f"{role.name}.verifier", *role.judge)
 
 
 def check_sources(recipe: Recipe) -> None:

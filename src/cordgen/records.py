@@ -27,8 +27,9 @@ class StepRecord(RecordModel):
     text: str
     teacher: str  # the author: the first teacher that proposed this step
     teachers: list[str]  # every teacher that proposed the identical step from the same parent
-    score: float | None  # S of the trajectory up to and including this step
-    perplexity: float | None  # 1 / S
+    score: float | None  # the scorer's ranking value for the trajectory up to and including this step
+    perplexity: float | None  # 1 / score
+    scores: dict[str, float] | None = None  # each kind the scorer read (a hybrid's parts), by kind
     num_tokens: int
     round: int
     finish_reason: str
@@ -91,6 +92,7 @@ def trajectory_record(beam: Beam, answer: FinalAnswer | None = None) -> Trajecto
             teachers=list(step.teachers),
             score=finite(step.score),
             perplexity=finite(1 / step.score) if step.score else None,
+            scores=dict(step.scores) or None,
             num_tokens=step.num_tokens,
             round=step.round,
             finish_reason=step.finish_reason.value,
@@ -127,8 +129,9 @@ class Grade(RecordModel):
 
 class StepScore(RecordModel):
     index: int = Field(ge=1)
-    score: float | None  # S of the trajectory up to and including this step
-    perplexity: float | None
+    score: float | None  # the scorer's value for the trajectory up to and including this step
+    perplexity: float | None  # 1 / score
+    scores: dict[str, float] | None = None  # each kind read, by kind
 
 
 class ScoreRecord(RecordModel):
@@ -137,8 +140,9 @@ class ScoreRecord(RecordModel):
 
     id: str
     scorer: str
+    kind: str = "predictive"  # the scorer kind that read it
     steps: list[StepScore]
-    score: float | None  # S after the whole thinking trajectory
+    score: float | None  # the score after the whole thinking trajectory
     perplexity: float | None
     grade: Grade
 

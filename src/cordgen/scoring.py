@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cordgen.config import ScorerConfig, StepFormat, check_role_sources, load_recipe, pick_scorer
-from cordgen.engines import AnswerScore, Scorer, ScoreRequest
+from cordgen.config import ScorerConfig, ScorerKind, StepFormat, check_role_sources, load_recipe, pick_scorer
+from cordgen.engines import Scorer, ScoreRequest
+from cordgen.engines import StepScore as Scored
 from cordgen.engines.placement import fit_scorer_to_host
+from cordgen.engines.scorers import check_verifier
 from cordgen.errors import CordgenError
 from cordgen.grading import grade_answers
 from cordgen.problems import problem_rows
@@ -96,7 +98,19 @@ def foreign_traces(path: Path, fields: ForeignFields, fmt: StepFormat) -> Iterat
         yield Trace(problem.id, problem.question, problem.answer, steps, response)
 
 
-def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> tuple[list[ScoreRecord], int]:
+def step_score(index: int, score: Scored | None) -> StepScore:
+    """A prefix too long for a scorer engine's window has no score."""
+    if score is None:
+        return StepScore(index=index, score=None, perplexity=None)
+    value = score.score
+    return StepScore(
+        index=index, score=value, perplexity=1 / value if value > 0 else None, scores=score.components
+    )
+
+
+def score_traces(
+    traces: Sequence[Trace], scorer: Scorer, timeout_s: float, kind: str = "predictive"
+) -> tuple[list[ScoreRecord], int]:
     """Every prefix of every trace in ONE scorer call, every answer in one grading pass; also
     returns the prompt tokens the scorer computed (not served from its prefix cache)."""
     requests, owners = [], []
@@ -106,23 +120,21 @@ def score_traces(traces: Sequence[Trace], scorer: Scorer, timeout_s: float) -> t
             owners.append(index)
     results = scorer.score(requests)
     grades = grade_answers([(t.answer, t.response) for t in traces], timeout_s=timeout_s)
-    per_trace: list[list[AnswerScore | None]] = [[] for _ in traces]
+    per_trace: list[list[Scored | None]] = [[] for _ in traces]
     for owner, result in zip(owners, results):
         per_trace[owner].append(result)
     records = []
     for trace, scores, grade in zip(traces, per_trace, grades):
-        steps = [  # a prefix too long for the scorer's window has no score
-            StepScore(index=i, score=s and s.score, perplexity=s and s.perplexity)
-            for i, s in enumerate(scores, start=1)
-        ]
-        last = scores[-1] if scores else None
+        steps = [step_score(i, s) for i, s in enumerate(scores, start=1)]
+        last = steps[-1] if steps else StepScore(index=1, score=None, perplexity=None)
         records.append(
             ScoreRecord(
                 id=trace.id,
                 scorer=scorer.name,
+                kind=kind,
                 steps=steps,
-                score=last.score if last else None,
-                perplexity=last.perplexity if last else None,
+                score=last.score,
+                perplexity=last.perplexity,
                 grade=grade,
             )
         )
@@ -141,6 +153,7 @@ class ScoringPlan:
     todo: tuple[Trace, ...]
     output: JsonlLog
     synthesis_seconds: float | None = None  # from the run's manifest, when scoring a run
+    seed: int = 0  # the recipe's: seeds the random kind
 
     @property
     def engine_log(self) -> Path:
@@ -157,14 +170,18 @@ def plan_scoring(
     recipe_path: Path | None = None,
     fields: ForeignFields = ForeignFields(),
     overwrite: bool = False,
+    kind: ScorerKind | None = None,
+    verifier_spec: str | None = None,
 ) -> ScoringPlan:
+    """`kind` re-reads a finished run (or a foreign JSONL) with another scorer kind, into its own
+    file unless `out` names one; `verifier_spec` names the judge (a teacher or a model)."""
     if source.is_dir():
         run_dir = RunDirectory(source)
         if not run_dir.results_path.exists():
             raise CordgenError(f"{source}: no {RESULTS}; not a cordgen run directory")
         recipe = load_recipe(recipe_path or source / CONFIG)
         traces = tuple(traces_of_run(run_dir))
-        out = out or source / SCORES
+        default_out = source / SCORES
         manifest = run_dir.manifest()
         synthesis_seconds = manifest.wall_seconds if manifest and manifest.wall_seconds else None
     else:
@@ -173,25 +190,34 @@ def plan_scoring(
             raise CordgenError("--scorer: name the scoring model (or a teacher of --config)")
         traces = tuple(foreign_traces(source, fields, recipe.format if recipe else StepFormat()))
         synthesis_seconds = None
-        out = out or source.with_name(source.stem + ".scores.jsonl")
+        default_out = source.with_name(source.stem + ".scores.jsonl")
     fmt = recipe.format if recipe else StepFormat()
-    if scorer_spec is not None:
-        scorer = pick_scorer(recipe, scorer_spec, list(recipe.teachers) if recipe else [])
-    else:
-        scorer = recipe.scorer
+    teachers = list(recipe.teachers) if recipe else []
+    scorer = pick_scorer(recipe, scorer_spec, teachers) if scorer_spec is not None else recipe.scorer
+    if kind is not None and kind != scorer.kind:
+        scorer = scorer.model_copy(update={"kind": kind})
+        default_out = default_out.with_suffix(f".{kind}.jsonl")
+    if verifier_spec is not None:
+        judge = pick_scorer(recipe, verifier_spec, teachers)
+        verifier = scorer.verifier.model_copy(update={"engine": judge.engine, "chat": judge.chat})
+        scorer = scorer.model_copy(update={"verifier": verifier})
     check_role_sources(scorer)
+    check_verifier(scorer, fmt)
     scorer = fit_scorer_to_host(scorer)
-    output = JsonlLog(out)
+    output = JsonlLog(out or default_out)
     if overwrite:
-        out.unlink(missing_ok=True)
-    earlier = {row["id"]: row.get("scorer") for row in output.rows()}
-    others = sorted({name for name in earlier.values() if name != scorer.name})
+        output.path.unlink(missing_ok=True)
+    earlier = {row["id"]: (row.get("scorer"), row.get("kind", "predictive")) for row in output.rows()}
+    ours = (scorer.name, scorer.kind)
+    others = sorted({f"{name} ({k})" for name, k in earlier.values() if (name, k) != ours})
     if others:
         raise CordgenError(
-            f"{out}: scored by {', '.join(others)}, not {scorer.name} (use --overwrite or --out)"
+            f"{output.path}: scored by {', '.join(others)}, not {scorer.name} ({scorer.kind}) "
+            "(use --overwrite or --out)"
         )
     todo = tuple(t for t in traces if t.id not in earlier)
-    return ScoringPlan(source, scorer, fmt, traces, todo, output, synthesis_seconds)
+    seed = recipe.seed if recipe else 0
+    return ScoringPlan(source, scorer, fmt, traces, todo, output, synthesis_seconds, seed)
 
 
 def run_scoring(
@@ -206,7 +232,8 @@ def run_scoring(
     plan.output.repair()
     with plan.output.appender() as append:
         for start in range(0, len(plan.todo), batch_size):
-            records, computed = score_traces(plan.todo[start : start + batch_size], scorer, timeout_s)
+            batch = plan.todo[start : start + batch_size]
+            records, computed = score_traces(batch, scorer, timeout_s, plan.scorer.kind)
             append(records)
             on_batch(records, computed)
 
@@ -229,12 +256,13 @@ def execute_scoring(
     if not plan.todo:
         return
     from cordgen.engines.pool import EnginePool
-    from cordgen.engines.roles import build_scorer
+    from cordgen.engines.scorers import build_scorer
 
     own_pool = pool is None
     pool = EnginePool(log_path=plan.engine_log if engine_log else None) if own_pool else pool
     try:
-        run_scoring(plan, build_scorer(plan.scorer, plan.fmt, pool), on_batch, batch_size, timeout_s)
+        scorer = build_scorer(plan.scorer, plan.fmt, pool, plan.seed)
+        run_scoring(plan, scorer, on_batch, batch_size, timeout_s)
     finally:
         if own_pool:
             pool.shutdown()

@@ -68,7 +68,8 @@ class Step:
     num_tokens: int
     finish_reason: FinishReason
     round: int
-    score: float | None = None  # S of the trajectory ending with this step
+    score: float | None = None  # the scorer's ranking value for the trajectory ending with this step
+    scores: tuple[tuple[str, float], ...] = ()  # each kind the scorer read, e.g. (("predictive", S),)
 
     @property
     def teacher(self) -> str:

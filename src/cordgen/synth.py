@@ -26,9 +26,11 @@ from cordgen.engines import (
     ProposeRequest,
     Scorer,
     ScoreRequest,
+    StepScore,
     Teacher,
 )
 from cordgen.engines.placement import check_cluster, check_placement, visible_device_count
+from cordgen.engines.scorers import check_verifier
 from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
@@ -183,7 +185,7 @@ class GroupRound:
     full: dict[str, frozenset[int]]  # per problem, the beams some teacher had no room to continue
 
 
-Scores = dict[str, list[float | None]]
+Scores = dict[str, list[StepScore | None]]
 Pending = tuple["ProblemGroup", GroupRound, Future[Scores]]
 
 
@@ -212,11 +214,12 @@ class ProblemGroup:
     def score(self, step: GroupRound) -> Scores:
         return score_round(self.run, self.live, self.searches, step.candidates, self.usage, step.report)
 
-    def advance(self, step: GroupRound, scores: Mapping[str, Sequence[float | None]]) -> None:
+    def advance(self, step: GroupRound, scores: Mapping[str, Sequence[StepScore | None]]) -> None:
         config = self.run.recipe.search
         for p in self.live:
-            search = self.searches[p.id]
-            self.searches[p.id] = search.advance(step.candidates[p.id], scores[p.id], config, step.full[p.id])
+            candidates = with_components(step.candidates[p.id], scores[p.id])
+            values = [None if s is None else s.score for s in scores[p.id]]
+            self.searches[p.id] = self.searches[p.id].advance(candidates, values, config, step.full[p.id])
             self.usage[p.id].rounds = self.rounds
         finishing = [p for p in self.live if self.searches[p.id].done(config)]
         outcomes = {p.id: self.searches[p.id].outcome() for p in finishing}
@@ -272,6 +275,14 @@ def in_parallel(call: Callable[[str], Any], names: Sequence[str]) -> dict[str, A
     return {name: future.result() for name, future in futures.items()}
 
 
+def with_components(candidates: Sequence[Candidate], scores: Sequence[StepScore | None]) -> list[Candidate]:
+    """The candidates' steps carrying every kind their scorer read, for the records."""
+    return [
+        c if s is None else replace(c, step=replace(c.step, scores=tuple(s.components.items())))
+        for c, s in zip(candidates, scores)
+    ]
+
+
 def score_round(
     run: Run,
     live: Sequence[Problem],
@@ -294,7 +305,7 @@ def score_round(
     report.scorer_timed(started)
     scores: Scores = {p.id: [] for p in live}
     for owner, result in zip(owners, results):
-        scores[owner].append(None if result is None else result.score)
+        scores[owner].append(result)
         if result is not None:
             count_scoring(usage[owner], report, result.num_prompt_tokens, result.num_cached_tokens)
     return scores
@@ -382,15 +393,15 @@ def curate(run: Run, problems: Sequence[Problem]) -> None:
     for trace, score in zip(traces, scores):
         if score is not None:  # a trace too long for the scorer's window ranks last
             count_scoring(usage[trace.problem.id], report, score.num_prompt_tokens, score.num_cached_tokens)
-        value = math.nan if score is None else score.score
-        beams[trace.problem.id].append((trace_beam(run, trace, value), trace))
+        beams[trace.problem.id].append((trace_beam(run, trace, score), trace))
     finish_curated(run, problems, beams, usage, report)
     report.finished_problems = len(problems)
     run.observer.round_finished(report)
 
 
-def trace_beam(run: Run, trace: WholeTrace, score: float) -> Beam:
-    """A whole trace as a beam: only its last step carries a score (the trace's)."""
+def trace_beam(run: Run, trace: WholeTrace, score: StepScore | None) -> Beam:
+    """A whole trace as a beam: only its last step carries a score (the trace's; NaN where the
+    trace is too long for the scorer's window, so it ranks last)."""
     counts = run.teachers[trace.teacher].count_tokens(trace.steps)
     closed = trace.answer_text is not None
     last = FinishReason.END_OF_THINKING if closed else FinishReason.LENGTH
@@ -399,9 +410,15 @@ def trace_beam(run: Run, trace: WholeTrace, score: float) -> Beam:
         for i, (text, count) in enumerate(zip(trace.steps, counts))
     )
     return Beam(
-        steps[:-1] + (replace(steps[-1], score=score),),
+        steps[:-1] + (scored_step(steps[-1], score),),
         ClosedBy.END_OF_THINKING if closed else ClosedBy.BUDGET,
     )
+
+
+def scored_step(step: Step, score: StepScore | None) -> Step:
+    if score is None:
+        return replace(step, score=math.nan)
+    return replace(step, score=score.score, scores=tuple(score.components.items()))
 
 
 def finish_curated(
@@ -507,6 +524,7 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     check_placement(recipe, visible_device_count)
     loaded = load_problems(recipe.input.path, **recipe.input.model_dump(exclude={"path"}))
     notes = tuple(window_notes(recipe, loaded.problems))
+    check_verifier(recipe.scorer, recipe.format)
     if loaded.unanswered:
         notes += (describe_unanswered(loaded.unanswered, recipe.input.answer_from),)
     chosen = tuple(p for p in loaded.problems if shard is None or shard.holds(p))

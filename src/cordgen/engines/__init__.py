@@ -55,13 +55,27 @@ class ScoreRequest:
     route: str = ""
 
 
+class StepScore(Protocol):
+    """What any step scorer says of one trajectory: `score` ranks it, in (0, 1]; `components`
+    holds each kind's own value (a hybrid reads several); the token counts are its cost."""
+
+    @property
+    def score(self) -> float: ...
+
+    @property
+    def components(self) -> dict[str, float]: ...
+
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache, not recomputed
+
+
 @dataclass(frozen=True)
 class AnswerScore:
     """The paper's predictive score S = exp(mean log p(answer tokens | context))."""
 
     answer_logprobs: tuple[float, ...]
     num_prompt_tokens: int
-    num_cached_tokens: int  # prompt tokens served from the prefix cache, not recomputed
+    num_cached_tokens: int
     rescored: bool = False  # the cache reached into the answer span, so it was scored again
 
     @property
@@ -75,6 +89,72 @@ class AnswerScore:
     @property
     def perplexity(self) -> float:
         return math.exp(-self.mean_logprob)
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"predictive": self.score}
+
+
+@dataclass(frozen=True)
+class VerdictScore:
+    """A judge's p(correct) = p(yes) / (p(yes) + p(no)) for the trajectory's latest step, from the
+    logprobs of the two verdict tokens after the same prompt."""
+
+    yes_logprob: float
+    no_logprob: float
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    rescored: bool = False
+
+    @property
+    def log_score(self) -> float:
+        high = max(self.yes_logprob, self.no_logprob)  # log-sum-exp without underflow
+        total = high + math.log(math.exp(self.yes_logprob - high) + math.exp(self.no_logprob - high))
+        return self.yes_logprob - total
+
+    @property
+    def score(self) -> float:
+        return math.exp(self.log_score)
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"verifier": self.score}
+
+
+@dataclass(frozen=True)
+class RandomScore:
+    """The ablation: a seeded uniform draw in (0, 1) that knows nothing of the trajectory."""
+
+    score: float
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"random": self.score}
+
+
+@dataclass(frozen=True)
+class WeightedScore:
+    """Several kinds on a common log scale: log score = sum of weight * log(part's score)."""
+
+    parts: tuple[tuple[float, AnswerScore | VerdictScore], ...]
+
+    @property
+    def score(self) -> float:
+        return math.exp(math.fsum(w * math.log(max(p.score, 1e-300)) for w, p in self.parts))
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {kind: value for _, part in self.parts for kind, value in part.components.items()}
+
+    @property
+    def num_prompt_tokens(self) -> int:  # type: ignore[override]
+        return sum(part.num_prompt_tokens for _, part in self.parts)
+
+    @property
+    def num_cached_tokens(self) -> int:  # type: ignore[override]
+        return sum(part.num_cached_tokens for _, part in self.parts)
 
 
 class Teacher(Protocol):
@@ -92,8 +172,8 @@ class Teacher(Protocol):
 class Scorer(Protocol):
     name: str
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore | None]:
-        """None where the scoring prompt does not fit the scorer's context window."""
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
+        """None where a scoring prompt does not fit a scorer engine's context window."""
         ...
 
 

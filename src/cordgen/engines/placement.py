@@ -7,6 +7,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
+from typing import Any
 
 from cordgen.config import EngineSettings, Recipe, ScorerConfig
 from cordgen.errors import ConfigError
@@ -20,8 +21,10 @@ HOST_KV_FLOOR = 32 << 20
 def distinct_engines(recipe: Recipe) -> dict[EngineSettings, list[str]]:
     """Each distinct engine with the roles it serves (equal settings share one engine)."""
     engines: dict[EngineSettings, list[str]] = {}
-    for role in [*recipe.teachers, recipe.scorer]:
-        engines.setdefault(role.engine, []).append(role.name)
+    for teacher in recipe.teachers:
+        engines.setdefault(teacher.engine, []).append(teacher.name)
+    for engine, name in recipe.scorer.engines().items():
+        engines.setdefault(engine, []).append(name)
     return engines
 
 
@@ -148,21 +151,30 @@ def fit_engines_to_host(
 def fit_recipe_to_host(recipe: Recipe, cpu_build: bool | None = None, available: int | None = None) -> Recipe:
     """The recipe with `fit_engines_to_host` applied to every role's engine."""
     fitted = fit_engines_to_host(
-        [role.engine for role in [*recipe.teachers, recipe.scorer]],
+        list(distinct_engines(recipe)),
         vllm_is_cpu_build() if cpu_build is None else cpu_build,
         free_memory() if available is None else available,
     )
     return recipe.model_copy(
         update={
             "teachers": [t.model_copy(update={"engine": fitted[t.engine]}) for t in recipe.teachers],
-            "scorer": recipe.scorer.model_copy(update={"engine": fitted[recipe.scorer.engine]}),
+            "scorer": fitted_scorer(recipe.scorer, fitted),
         }
     )
 
 
+def fitted_scorer(scorer: ScorerConfig, fitted: dict[EngineSettings, EngineSettings]) -> ScorerConfig:
+    """The scorer with its engine and its judge's, where it has one of its own, as fitted."""
+    update: dict[str, Any] = {"engine": fitted.get(scorer.engine, scorer.engine)}
+    if scorer.verifier.engine is not None:
+        judge = fitted.get(scorer.verifier.engine, scorer.verifier.engine)
+        update["verifier"] = scorer.verifier.model_copy(update={"engine": judge})
+    return scorer.model_copy(update=update)
+
+
 def fit_scorer_to_host(scorer: ScorerConfig) -> ScorerConfig:
-    fitted = fit_engines_to_host([scorer.engine], vllm_is_cpu_build(), free_memory())
-    return scorer.model_copy(update={"engine": fitted[scorer.engine]})
+    fitted = fit_engines_to_host(list(scorer.engines()), vllm_is_cpu_build(), free_memory())
+    return fitted_scorer(scorer, fitted)
 
 
 def free_memory() -> int:

@@ -41,7 +41,8 @@ class EnginePool:
     def load(self, labels: Mapping[EngineSettings, str]) -> None:
         """Starts the engines not loaded yet, each labelled (by the roles it serves) in its log
         and errors."""
-        self._labels.update(labels)
+        for engine, label in labels.items():
+            self._labels.setdefault(engine, label)
         todo = [e for e in labels if e not in self._models]
         if self.placement.mode == "ray":
             self._models.update(self._start_on_cluster({e: labels[e] for e in todo if e.remote is None}))

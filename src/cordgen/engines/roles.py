@@ -1,5 +1,5 @@
-"""Teachers and the scorer on any EngineModel: prompts, seeds and reading the results live
-here once, whether the engine runs in this process, in a worker or behind a URL.
+"""Teachers on any EngineModel (the scorer's kinds are in `scorers`): prompts, seeds and reading
+the results live here once, whether the engine runs in this process, in a worker or behind a URL.
 
 Prompts go to engines as token ids that we build ourselves, so the scorer knows exactly where
 the gold answer starts and every role counts tokens the way its engine does.
@@ -7,38 +7,31 @@ the gold answer starts and every role counts tokens the way its engine does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from cordgen.config import Recipe, ScorerConfig, StepFormat, TeacherConfig
+from cordgen.config import Recipe, StepFormat, TeacherConfig
 from cordgen.engines import (
     AnswerRequest,
-    AnswerScore,
     EngineModel,
     ProposeRequest,
     Sample,
     SampleRequest,
-    ScoreRequest,
-    SpanRequest,
+    Scorer,
     derive_seed,
 )
 from cordgen.engines.placement import distinct_engines
 from cordgen.engines.pool import EnginePool
-from cordgen.errors import EngineError
+from cordgen.engines.scorers import build_scorer
 from cordgen.prompts import ChatPrompt
 from cordgen.search import FinalAnswer, FinishReason, StepCandidate
 
 
-def build_scorer(config: ScorerConfig, fmt: StepFormat, pool: EnginePool) -> EngineScorer:
-    pool.load({config.engine: config.name})
-    return EngineScorer(config, pool.model(config.engine), fmt)
-
-
-def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, EngineTeacher], EngineScorer]:
+def build_roles(recipe: Recipe, pool: EnginePool) -> tuple[dict[str, EngineTeacher], Scorer]:
     pool.load({engine: "/".join(roles) for engine, roles in distinct_engines(recipe).items()})
     teachers = {
         t.name: EngineTeacher(t, pool.model(t.engine), recipe.format, recipe.seed) for t in recipe.teachers
     }
-    return teachers, build_scorer(recipe.scorer, recipe.format, pool)
+    return teachers, build_scorer(recipe.scorer, recipe.format, pool, recipe.seed)
 
 
 def finish_reason_of(sample: Sample, fmt: StepFormat) -> FinishReason:
@@ -138,61 +131,3 @@ class EngineTeacher:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(self.chat.encode(text)) for text in texts]
-
-
-def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class EngineScorer:
-    """Predictive score of the gold answer from prompt logprobs (nothing sampled)."""
-
-    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
-        self.name = config.name
-        self.config = config
-        self.model = model
-        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
-
-    def _prepare(self, request: ScoreRequest) -> SpanRequest | None:
-        """The prompt and where the answer starts in it, or None when the prompt does not fit
-        the window (vLLM needs room for one decoded token after it)."""
-        context, answer = self.chat.scoring_ids(
-            request.question, request.steps, self.config.answer_suffix, request.answer
-        )
-        if not answer:
-            raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
-        ids = context + answer
-        fits = len(ids) < self.model.max_model_len
-        return SpanRequest(ids, len(context), request.route) if fits else None
-
-    def _run(
-        self, prepared: dict[int, SpanRequest], indices: Sequence[int], read_cache: bool
-    ) -> dict[int, AnswerScore | None]:
-        scores: dict[int, AnswerScore | None] = {}
-        for chunk in chunked(indices, self.config.max_requests_per_call):
-            spans = self.model.span_logprobs([prepared[i] for i in chunk], read_cache)
-            for i, span in zip(chunk, spans):
-                scores[i] = (
-                    None
-                    if span.logprobs is None
-                    else AnswerScore(
-                        answer_logprobs=span.logprobs,
-                        num_prompt_tokens=len(prepared[i].prompt),
-                        num_cached_tokens=span.num_cached_tokens,
-                        rescored=not read_cache and self.config.reuse_prefix_cache,
-                    )
-                )
-        return scores
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore | None]:
-        """Scores the batch with prefix-cache reads, then re-scores without them the few requests
-        whose cached prefix reached into the answer span; None for prompts that do not fit."""
-        prepared = {i: p for i, r in enumerate(requests) if (p := self._prepare(r)) is not None}
-        scores = self._run(prepared, list(prepared), read_cache=self.config.reuse_prefix_cache)
-        untrusted = [i for i, s in scores.items() if s is None]
-        if untrusted and self.config.reuse_prefix_cache:
-            scores.update(self._run(prepared, untrusted, read_cache=False))
-        if any(scores[i] is None for i in prepared):
-            raise EngineError(f"scorer {self.name}: the engine returned incomplete prompt logprobs")
-        return [scores.get(i) for i in range(len(requests))]

@@ -1,0 +1,237 @@
+"""Step scorers on any EngineModel: the paper's predictive score, a generative verifier, their
+hybrid and the random ablation.
+
+The engine-backed kinds are all read from prompt logprobs: each kind turns a trajectory into
+span requests (the predictive kind: the gold answer after the trajectory; the verifier: each
+verdict token after the trajectory and its question), and one `span_logprobs` call per scorer
+engine per batch reads every kind that engine serves, so a hybrid whose judge is the scorer's own
+model still costs one call, and shares its prefixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+from cordgen.config import KIND_COMPONENTS, ScorerConfig, StepFormat
+from cordgen.engines import (
+    AnswerScore,
+    EngineModel,
+    RandomScore,
+    ScoreRequest,
+    SpanLogprobs,
+    SpanRequest,
+    StepScore,
+    VerdictScore,
+    WeightedScore,
+    derive_seed,
+)
+from cordgen.engines.pool import EnginePool
+from cordgen.engines.tokenizers import load_tokenizer
+from cordgen.errors import ConfigError, EngineError
+from cordgen.prompts import ChatPrompt
+
+
+class SpanReading(Protocol):
+    """One kind read from prompt logprobs: its requests for a trajectory, and its value from them."""
+
+    kind: str
+    model: EngineModel
+
+    def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
+        """None when a prompt does not fit the window (vLLM needs room for one decoded token)."""
+        ...
+
+    def read(
+        self, spans: Sequence[SpanLogprobs], prompts: Sequence[SpanRequest], rescored: bool
+    ) -> StepScore: ...
+
+
+def fits(model: EngineModel, ids: list[int]) -> bool:
+    return len(ids) < model.max_model_len
+
+
+class PredictiveReading:
+    """S = exp(mean log p(gold answer | trajectory + answer suffix))."""
+
+    kind = "predictive"
+
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
+        self.name, self.suffix, self.model = config.name, config.answer_suffix, model
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
+        context, answer = self.chat.scoring_ids(request.question, request.steps, self.suffix, request.answer)
+        if not answer:
+            raise EngineError(f"scorer {self.name}: the gold answer {request.answer!r} has no tokens")
+        ids = context + answer
+        return (SpanRequest(ids, len(context), request.route),) if fits(self.model, ids) else None
+
+    def read(
+        self, spans: Sequence[SpanLogprobs], prompts: Sequence[SpanRequest], rescored: bool
+    ) -> AnswerScore:
+        (span,), (prompt,) = spans, prompts
+        assert span.logprobs is not None
+        return AnswerScore(span.logprobs, len(prompt.prompt), span.num_cached_tokens, rescored)
+
+
+def verdict_token(chat: ChatPrompt, verdict: str, field: str, model: str) -> int:
+    ids = chat.encode(verdict)
+    if len(ids) != 1:
+        pieces = [chat.tokenizer.decode([i]) for i in ids]
+        raise ConfigError(
+            f"scorer.verifier.{field}: {verdict!r} is {len(ids)} tokens of {model}'s tokenizer "
+            f"({', '.join(map(repr, pieces))}); a verdict must be one token"
+        )
+    return ids[0]
+
+
+def check_verifier(scorer: ScorerConfig, fmt: StepFormat) -> None:
+    """Plan time, before any engine loads: each verdict is one token of the judge's tokenizer."""
+    if scorer.judge is None:
+        return
+    engine, chat = scorer.judge
+    prompt = ChatPrompt(load_tokenizer(engine), chat, fmt)
+    verdict_token(prompt, scorer.verifier.yes, "yes", engine.model)
+    verdict_token(prompt, scorer.verifier.no, "no", engine.model)
+
+
+class VerdictReading:
+    """p(correct) from a judge: the verdict tokens after the trajectory and the question about
+    its latest step. Both verdict prompts share everything but their last token."""
+
+    kind = "verifier"
+
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
+        assert config.judge is not None
+        self.settings, self.model = config.verifier, model
+        self.chat = ChatPrompt(model.tokenizer, config.judge[1], fmt)
+        self.verdicts = (
+            verdict_token(self.chat, self.settings.yes, "yes", model.settings.model),
+            verdict_token(self.chat, self.settings.no, "no", model.settings.model),
+        )
+
+    def prompt_ids(self, question: str, steps: Sequence[str]) -> list[int]:
+        question_text = self.settings.prompt.format(step=len(steps))
+        return self.chat.encode(self.chat.thinking_text(question, steps) + question_text)
+
+    def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
+        ids = self.prompt_ids(request.question, request.steps)
+        if not fits(self.model, ids + [0]):
+            return None
+        return tuple(SpanRequest(ids + [token], len(ids), request.route) for token in self.verdicts)
+
+    def read(
+        self, spans: Sequence[SpanLogprobs], prompts: Sequence[SpanRequest], rescored: bool
+    ) -> VerdictScore:
+        (yes,), (no,) = (span.logprobs for span in spans)  # type: ignore[misc]
+        cached = sum(span.num_cached_tokens for span in spans)
+        return VerdictScore(yes, no, sum(len(p.prompt) for p in prompts), cached, rescored)
+
+
+def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+SpanKey = tuple[int, int, int]  # (request, reading, span of that reading)
+Read = tuple[SpanLogprobs, bool]  # the logprobs, and whether they were read without cache reads
+
+
+@dataclass(frozen=True)
+class Weighted:
+    reading: SpanReading
+    weight: float
+
+
+class LogprobScorer:
+    """Scores a batch with every reading it holds: per engine ONE pass of prompt-logprob calls
+    (chunked to bound memory) with prefix-cache reads, then the few requests whose cached prefix
+    reached into a read span again without them. Engines run side by side."""
+
+    def __init__(self, config: ScorerConfig, readings: Sequence[Weighted]) -> None:
+        self.name = config.name
+        self.config = config
+        self.readings = readings
+        self.engines = list({id(r.reading.model): r.reading.model for r in readings}.values())
+
+    def _engine_pass(self, model: EngineModel, spans: dict[SpanKey, SpanRequest]) -> dict[SpanKey, Read]:
+        """(logprobs, read again without cache reads) for every span one engine serves."""
+        reuse = self.config.reuse_prefix_cache
+        found = {k: (r, False) for k, r in self._run(model, spans, list(spans), reuse).items()}
+        untrusted = [k for k, (r, _) in found.items() if r.logprobs is None]
+        if untrusted and reuse:
+            found.update({k: (r, True) for k, r in self._run(model, spans, untrusted, False).items()})
+        return found
+
+    def _run(
+        self, model: EngineModel, spans: dict[SpanKey, SpanRequest], keys: Sequence[SpanKey], read_cache: bool
+    ) -> dict[SpanKey, SpanLogprobs]:
+        results: dict[SpanKey, SpanLogprobs] = {}
+        for chunk in chunked(range(len(keys)), self.config.max_requests_per_call):
+            batch = [keys[i] for i in chunk]
+            results.update(zip(batch, model.span_logprobs([spans[k] for k in batch], read_cache)))
+        return results
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
+        prepared: dict[int, list[tuple[SpanRequest, ...]]] = {}
+        for i, request in enumerate(requests):
+            spans = [r.reading.spans(request) for r in self.readings]
+            if all(s is not None for s in spans):
+                prepared[i] = spans  # type: ignore[assignment]
+        by_engine: dict[int, dict[SpanKey, SpanRequest]] = {id(m): {} for m in self.engines}
+        for i, spans in prepared.items():
+            for j, (weighted, kind_spans) in enumerate(zip(self.readings, spans)):
+                for k, span in enumerate(kind_spans):
+                    by_engine[id(weighted.reading.model)][(i, j, k)] = span
+        results: dict[SpanKey, Read] = {}
+        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="cordgen-scorer") as pool:
+            for found in pool.map(lambda m: self._engine_pass(m, by_engine[id(m)]), self.engines):
+                results.update(found)
+        if any(r.logprobs is None for r, _ in results.values()):
+            raise EngineError(f"scorer {self.name}: the engine returned incomplete prompt logprobs")
+        return [
+            self._combine(i, prepared[i], results) if i in prepared else None for i in range(len(requests))
+        ]
+
+    def _combine(
+        self, i: int, spans: list[tuple[SpanRequest, ...]], results: dict[SpanKey, Read]
+    ) -> StepScore:
+        parts = []
+        for j, (weighted, kind_spans) in enumerate(zip(self.readings, spans)):
+            found = [results[(i, j, k)] for k in range(len(kind_spans))]
+            rescored = any(again for _, again in found)
+            parts.append(
+                (weighted.weight, weighted.reading.read([r for r, _ in found], kind_spans, rescored))
+            )
+        return parts[0][1] if len(parts) == 1 and parts[0][0] == 1.0 else WeightedScore(tuple(parts))
+
+
+class RandomScorer:
+    """The ablation: a uniform score per trajectory, seeded by the run's seed, the problem and the
+    trajectory's text, so it never depends on the batch it came in."""
+
+    def __init__(self, name: str, seed: int) -> None:
+        self.name, self.seed = name, seed
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
+        draws = [derive_seed(self.seed, "random-score", r.route, r.question, *r.steps) for r in requests]
+        return [RandomScore((draw + 1) / 2**31) for draw in draws]
+
+
+def build_scorer(
+    config: ScorerConfig, fmt: StepFormat, pool: EnginePool, seed: int = 0
+) -> LogprobScorer | RandomScorer:
+    """The scorer a recipe names, its engines loaded (none for `random`)."""
+    if config.kind == "random":
+        return RandomScorer(config.name, seed)
+    pool.load(config.engines())
+    readings = []
+    if "predictive" in KIND_COMPONENTS[config.kind]:
+        readings.append(Weighted(PredictiveReading(config, pool.model(config.engine), fmt), 1.0))
+    if config.judge is not None:
+        weight = config.verifier_weight if config.kind == "hybrid" else 1.0
+        readings.append(Weighted(VerdictReading(config, pool.model(config.judge[0]), fmt), weight))
+    return LogprobScorer(config, readings)

@@ -1,0 +1,140 @@
+"""Step scorer kinds without engines: the verdict and hybrid arithmetic, the seeded random
+ablation, what each kind loads, what enters the semantic hash, and plan-time errors for bad
+verdicts and verifier questions."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cordgen.config import Recipe, ScorerConfig, VerifierSettings, semantic_hash
+from cordgen.engines import AnswerScore, ScoreRequest, VerdictScore, WeightedScore
+from cordgen.engines.scorers import RandomScorer
+from cordgen.errors import ConfigError
+from tests.helpers import write_problems
+
+A, B = {"model": "org/a"}, {"model": "org/b"}
+
+
+def test_a_verdict_is_p_yes_over_p_yes_and_p_no_even_far_in_the_tail():
+    verdict = VerdictScore(math.log(0.6), math.log(0.2), 10, 4)
+    assert verdict.score == pytest.approx(0.75)
+    assert verdict.components == {"verifier": pytest.approx(0.75)}
+    assert VerdictScore(-1000.0, -1000.0 - math.log(3), 1, 0).score == pytest.approx(0.75)
+
+
+def test_a_hybrid_ranks_by_log_s_plus_w_log_p_correct_and_keeps_both_parts():
+    predictive = AnswerScore((math.log(0.5), math.log(0.2)), 30, 10)
+    verdict = VerdictScore(math.log(0.9), math.log(0.1), 32, 31)
+    hybrid = WeightedScore(((1.0, predictive), (2.0, verdict)))
+    assert hybrid.score == pytest.approx(math.exp(math.log(predictive.score) + 2 * math.log(0.9)))
+    assert hybrid.components == {"predictive": predictive.score, "verifier": pytest.approx(0.9)}
+    assert (hybrid.num_prompt_tokens, hybrid.num_cached_tokens) == (62, 41)
+
+
+def test_random_scores_are_seeded_by_problem_and_text_never_by_the_batch():
+    requests = [ScoreRequest("q", ("a", s), "1", "p") for s in ("b", "c", "d")]
+    batch = RandomScorer("random", 3).score(requests)
+    alone = [RandomScorer("random", 3).score([r])[0] for r in requests]
+    assert [s.score for s in batch] == [s.score for s in alone]
+    assert all(0 < s.score < 1 and s.components == {"random": s.score} for s in batch)
+    assert len({s.score for s in batch}) == 3
+    assert RandomScorer("random", 4).score(requests[:1])[0].score != batch[0].score
+    moved = ScoreRequest("q", ("a", "b"), "1", "other-problem")
+    assert RandomScorer("random", 3).score([moved])[0].score != batch[0].score
+
+
+@pytest.mark.parametrize(
+    ("scorer", "loads"),
+    [
+        ({"engine": A}, {"org/a": "s"}),
+        ({"engine": A, "kind": "verifier"}, {"org/a": "s"}),
+        ({"engine": A, "kind": "hybrid"}, {"org/a": "s"}),
+        ({"engine": A, "kind": "hybrid", "verifier": {"engine": B}}, {"org/a": "s", "org/b": "s-verifier"}),
+        ({"engine": A, "kind": "verifier", "verifier": {"engine": B}}, {"org/b": "s-verifier"}),
+        ({"engine": A, "kind": "random"}, {}),
+    ],
+)
+def test_each_kind_loads_the_engines_it_reads(scorer, loads):
+    config = ScorerConfig(name="s", **scorer)
+    assert {engine.model: name for engine, name in config.engines().items()} == loads
+
+
+def recipe(**scorer) -> Recipe:
+    teachers = [{"name": "t", "engine": A}]
+    return Recipe.model_validate({"teachers": teachers, "scorer": {"engine": A, **scorer}})
+
+
+def test_the_default_kind_leaves_the_semantic_hash_of_earlier_runs_and_others_change_it():
+    plain = semantic_hash(recipe())
+    assert semantic_hash(recipe(kind="predictive", verifier_weight=1.0)) == plain
+    changed = [
+        recipe(kind="verifier"),
+        recipe(kind="hybrid"),
+        recipe(kind="hybrid", verifier_weight=2.0),
+        recipe(kind="verifier", verifier={"yes": " Y"}),
+        recipe(kind="verifier", verifier={"prompt": "\nStep {step} right?"}),
+        recipe(kind="verifier", verifier={"engine": B}),
+    ]
+    assert len({plain, *(semantic_hash(r) for r in changed)}) == len(changed) + 1
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"prompt": "Is {latest} right?"}, r"unknown field\(s\) \{latest\}; only \{step\}"),
+        ({"prompt": "Is step { right?"}, "not a format string with {step}"),
+        ({"yes": " Yes", "no": " Yes"}, "yes and no are the same verdict ' Yes'"),
+    ],
+)
+def test_bad_verifier_settings_are_refused(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        VerifierSettings(**settings)
+
+
+def verifier_recipe(tmp_path, model: str, **verifier) -> str:
+    data = {
+        "teachers": [{"name": "alpha", "engine": {"model": model}}],
+        "scorer": {"engine": {"model": model}, "kind": "hybrid", "verifier": verifier},
+        "input": {"path": str(write_problems(tmp_path / "problems.jsonl"))},
+        "output": {"path": str(tmp_path / "run")},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_pieces(tiny_model_dirs, tmp_path):
+    from cordgen.engines.scorers import check_verifier
+
+    alpha = tiny_model_dirs["alpha"]
+    fine = ScorerConfig(engine={"model": alpha}, kind="verifier", verifier={"yes": "Y", "no": "N"})
+    check_verifier(fine, Recipe.model_fields["format"].default)
+    recipe_path = verifier_recipe(tmp_path, alpha, yes=" Yes", no="N")
+    result = subprocess.run(
+        [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: scorer.verifier.yes: ' Yes' is ")
+    assert f"tokens of {alpha}'s tokenizer" in line
+    assert line.endswith("a verdict must be one token")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_judge_must_exist_before_anything_loads(tmp_path, tiny_model_dirs):
+    from cordgen.config import check_sources
+
+    path = verifier_recipe(tmp_path, tiny_model_dirs["alpha"], engine={"model": "./nowhere"})
+    data = yaml.safe_load(Path(path).read_text())
+    with pytest.raises(ConfigError, match="model path does not exist: ./nowhere"):
+        check_sources(Recipe.model_validate(data))
