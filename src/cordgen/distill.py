@@ -220,6 +220,7 @@ class DistillManifest(BaseModel):
     wall_seconds: float = 0.0
     losses: list[tuple[int, float]] = []  # (step, logged training loss)
     recomputed: int = 0  # times alpha was recomputed from the student in training
+    resumed_from: list[int] = []  # the checkpoint step each re-run of an interrupted run started at
 
 
 def data_digest(path: Path) -> str:
@@ -248,6 +249,30 @@ def start_manifest(out: Path, manifest: DistillManifest, overwrite: bool) -> Dis
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint)
     return manifest
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The latest checkpoint in `out` whose trainer state was written. The Trainer writes that
+    file last, so a run killed while saving leaves a folder without it, which is passed over."""
+    complete = [
+        (int(path.name.removeprefix("checkpoint-")), path)
+        for path in out.glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return str(max(complete)[1]) if complete else None
+
+
+def start_step_recorder():
+    """A callback keeping the step training starts at: 0, or the checkpoint's step on a resume."""
+    from transformers import TrainerCallback
+
+    class StartStep(TrainerCallback):
+        step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.step = state.global_step
+
+    return StartStep()
 
 
 def save_student(trainer, tokenizer, out: Path, lora: bool) -> None:
@@ -288,35 +313,21 @@ def training_args(out: Path, config: DistillConfig, student: StudentSettings, qu
     )
 
 
-def distill(
-    data: Path,
+def weighted_trainer(
+    examples: Sequence[DistillExample],
     out: Path,
     student: StudentSettings,
     config: DistillConfig,
     compat: CompatConfig = CompatConfig(),
     fmt: StepFormat = StepFormat(),
-    overwrite: bool = False,
-    quiet: bool = False,
-) -> DistillManifest:
+    quiet: bool = True,
+):
+    """(the trainer `distill` runs, the weight table its collator reads): the student loaded and
+    the examples tokenized, with alpha recomputed in training when the config asks."""
     from datasets import Dataset
 
     from cordgen.student import load_student
 
-    examples = read_examples(data)
-    check_examples(data, examples, config)
-    fresh = DistillManifest(
-        student=semantic_view(student),
-        config=semantic_view(config) | {"compat": semantic_view(compat), "format": semantic_view(fmt)},
-        data=data_digest(data),
-        examples=len(examples),
-        problems=len({e.problem_id for e in examples}),
-        status="running",
-    )
-    manifest = start_manifest(out, fresh, overwrite)
-    if manifest.status == "complete":
-        return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / MANIFEST, manifest.model_dump_json(indent=2).encode())
     model, tokenizer = load_student(student)
     chat = ChatPrompt(tokenizer, student.chat, fmt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
@@ -338,9 +349,40 @@ def distill(
         peft_config=lora_config(config),
         callbacks=callbacks,
     )
+    return trainer, table
+
+
+def distill(
+    data: Path,
+    out: Path,
+    student: StudentSettings,
+    config: DistillConfig,
+    compat: CompatConfig = CompatConfig(),
+    fmt: StepFormat = StepFormat(),
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> DistillManifest:
+    examples = read_examples(data)
+    check_examples(data, examples, config)
+    fresh = DistillManifest(
+        student=semantic_view(student),
+        config=semantic_view(config) | {"compat": semantic_view(compat), "format": semantic_view(fmt)},
+        data=data_digest(data),
+        examples=len(examples),
+        problems=len({e.problem_id for e in examples}),
+        status="running",
+    )
+    manifest = start_manifest(out, fresh, overwrite)
+    if manifest.status == "complete":
+        return manifest
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / MANIFEST, manifest.model_dump_json(indent=2).encode())
+    trainer, table = weighted_trainer(examples, out, student, config, compat, fmt, quiet)
+    start = start_step_recorder()
+    trainer.add_callback(start)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=True if any(out.glob("checkpoint-*")) else None)
-    save_student(trainer, tokenizer, out, config.lora is not None)
+    trainer.train(resume_from_checkpoint=last_checkpoint(out))
+    save_student(trainer, trainer.processing_class, out, config.lora is not None)
     history = trainer.state.log_history
     manifest = manifest.model_copy(
         update={
@@ -348,6 +390,7 @@ def distill(
             "wall_seconds": manifest.wall_seconds + time.perf_counter() - started,
             "losses": [(h["step"], h["loss"]) for h in history if "loss" in h],
             "recomputed": manifest.recomputed + table.recomputed,
+            "resumed_from": manifest.resumed_from + ([start.step] if start.step else []),
         }
     )
     write_atomically(out / MANIFEST, manifest.model_dump_json(indent=2).encode())
