@@ -31,7 +31,7 @@ import task  # noqa: E402
 from report_files import RESULTS, ROOT, shown_path, write_report  # noqa: E402
 
 from cordgen.config import Recipe, load_recipe  # noqa: E402
-from cordgen.engines import AnswerScore, Scorer, ScoreRequest, derive_seed  # noqa: E402
+from cordgen.engines import Scorer, ScoreRequest, StepScore  # noqa: E402
 from cordgen.problems import Problem, load_problems  # noqa: E402
 from cordgen.records import TraceRecord  # noqa: E402
 
@@ -42,7 +42,7 @@ class Variant:
     group: str
     strategy: str = "cord"
     teachers: tuple[str, ...] = ()  # empty: every teacher of the recipe
-    scorer: str = "scorer"  # the recipe's scorer, "scorer-final" (its ablation) or "random"
+    scorer: str = "scorer"  # the recipe's scorer, "scorer-final" (its ablation) or "random" (the kind)
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
 
@@ -59,22 +59,6 @@ VARIANTS = (
     Variant("cord, scorer-final", "scorer", scorer="scorer-final"),
     Variant("cord, random choice", "scorer", scorer="random"),
 )
-
-
-class RandomChoice:
-    """The scorer ablation: a uniform random score per trajectory (seeded by its text), so the
-    search keeps random children instead of likely ones."""
-
-    name = "random"
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]:
-        return [
-            AnswerScore((math.log((derive_seed(self.seed, r.question, *r.steps) + 1) / 2**31),), 0, 0)
-            for r in requests
-        ]
 
 
 @dataclass
@@ -94,7 +78,7 @@ class RecordingScorer:
     def name(self) -> str:
         return self.inner.name
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[AnswerScore]:
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
         scores = self.inner.score(requests)
         self.seen.extend(ScoredCandidate(r, s.score) for r, s in zip(requests, scores))
         return scores
@@ -107,6 +91,8 @@ def variant_recipe(base: Recipe, variant: Variant, seed: int, final_scorer: str)
     if variant.scorer == "scorer-final":
         data["scorer"]["name"] = "scorer-final"
         data["scorer"]["engine"]["model"] = final_scorer
+    if variant.scorer == "random":
+        data["scorer"]["kind"] = "random"  # the search keeps random children instead of likely ones
     data["search"]["strategy"] = variant.strategy
     if variant.beam_width is not None:
         data["search"]["beam_width"] = variant.beam_width
@@ -198,7 +184,7 @@ def run_variant(
     from cordgen.synth import synthesize
 
     teachers, scorer = build_roles(recipe, pool)
-    recorder = RecordingScorer(RandomChoice(recipe.seed) if variant.scorer == "random" else scorer)
+    recorder = RecordingScorer(scorer)
     records: list[TraceRecord] = []
     started = time.perf_counter()
     synthesize(problems, teachers, recorder, recipe, records.extend)

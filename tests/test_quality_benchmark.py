@@ -55,10 +55,3 @@ def test_ranking_accuracy_counts_right_wrong_pairs_of_one_parent_by_position():
     assert ranking["2"] == {"pairs": 2, "accuracy": 0.25}
     assert ranking["middle"] == {"pairs": 3, "accuracy": 0.5}
     assert ranking["last"] == {"pairs": 1, "accuracy": 1.0}
-
-
-def test_random_choice_is_a_deterministic_score_in_the_unit_interval():
-    requests = [ScoreRequest(QUESTION, (f" {i}\n",), "236") for i in range(50)]
-    scores = [s.score for s in quality.RandomChoice(0).score(requests)]
-    assert scores == [s.score for s in quality.RandomChoice(0).score(requests)]
-    assert all(0 < s <= 1 for s in scores) and len(set(scores)) == 50

@@ -126,7 +126,8 @@ def test_scorer_shares_the_teacher_engine(engine_pool, alpha_model, tiny_model_d
     assert len(engine_pool) == before
 
 
-VERDICTS = {"yes": "Y", "no": "N", "prompt": "\nIs step {step} right?"}  # single bytes of the tiny BPEs
+# single bytes of the tiny BPEs
+VERDICTS = {"yes": "Y", "no": "N", "prompt": "\nStep {step} was:{latest}Right?"}
 
 
 class CountingModel:
@@ -171,7 +172,8 @@ def test_a_verdict_matches_a_transformers_forward_pass(alpha_model, reference_mo
     for request, verdict in zip(requests, scorer.score(requests)):
         ids = reading.prompt_ids(request.question, request.steps)
         thinking = reading.chat.thinking_text(request.question, request.steps)
-        assert alpha_model.tokenizer.decode(ids) == thinking + f"\nIs step {len(request.steps)} right?"
+        question = f"\nStep {len(request.steps)} was:{request.steps[-1]}Right?"
+        assert alpha_model.tokenizer.decode(ids) == thinking + question
         with torch.no_grad():
             logprobs = reference_model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
         yes, no = (logprobs[token].item() for token in reading.verdicts)

@@ -38,7 +38,7 @@ def test_a_hybrid_ranks_by_log_s_plus_w_log_p_correct_and_keeps_both_parts():
     assert (hybrid.num_prompt_tokens, hybrid.num_cached_tokens) == (62, 41)
 
 
-def test_random_scores_are_seeded_by_problem_and_text_never_by_the_batch():
+def test_random_scores_are_seeded_by_question_and_text_never_by_the_batch():
     requests = [ScoreRequest("q", ("a", s), "1", "p") for s in ("b", "c", "d")]
     batch = RandomScorer("random", 3).score(requests)
     alone = [RandomScorer("random", 3).score([r])[0] for r in requests]
@@ -46,8 +46,8 @@ def test_random_scores_are_seeded_by_problem_and_text_never_by_the_batch():
     assert all(0 < s.score < 1 and s.components == {"random": s.score} for s in batch)
     assert len({s.score for s in batch}) == 3
     assert RandomScorer("random", 4).score(requests[:1])[0].score != batch[0].score
-    moved = ScoreRequest("q", ("a", "b"), "1", "other-problem")
-    assert RandomScorer("random", 3).score([moved])[0].score != batch[0].score
+    other = ScoreRequest("another question", ("a", "b"), "1", "p")
+    assert RandomScorer("random", 3).score([other])[0].score != batch[0].score
 
 
 @pytest.mark.parametrize(
@@ -88,8 +88,8 @@ def test_the_default_kind_leaves_the_semantic_hash_of_earlier_runs_and_others_ch
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"prompt": "Is {latest} right?"}, r"unknown field\(s\) \{latest\}; only \{step\}"),
-        ({"prompt": "Is step { right?"}, "not a format string with {step}"),
+        ({"prompt": "Is {last} right?"}, r"unknown field\(s\) \{last\}; only \{step\} and \{latest\}"),
+        ({"prompt": "Is step { right?"}, "not a format string with {step} and {latest}"),
         ({"yes": " Yes", "no": " Yes"}, "yes and no are the same verdict ' Yes'"),
     ],
 )
@@ -100,7 +100,13 @@ def test_bad_verifier_settings_are_refused(settings, message):
 
 def verifier_recipe(tmp_path, model: str, **verifier) -> str:
     data = {
-        "teachers": [{"name": "alpha", "engine": {"model": model}}],
+        "teachers": [
+            {
+                "name": "alpha",
+                "engine": {"model": model},
+                "sampling": {"max_step_tokens": 24, "max_answer_tokens": 16},
+            }
+        ],
         "scorer": {"engine": {"model": model}, "kind": "hybrid", "verifier": verifier},
         "input": {"path": str(write_problems(tmp_path / "problems.jsonl"))},
         "output": {"path": str(tmp_path / "run")},

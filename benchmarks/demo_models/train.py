@@ -10,8 +10,8 @@ clean model never saw started from an alias) and fine-tuned, in its own chat tem
 written with its bug rule. Two scorers are the clean model trained further in ChatML: `scorer` also
 on traces cut after step k and closed with the gold answer (see --scorer-truncated), so that
 intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. The
-`verifier` is the scorer taught to judge a trajectory's latest step: after cordgen's default
-verifier question it answers ` Yes` or ` No`, labelled by the task's checker over steps written
+`verifier` is the scorer taught to judge a trajectory's latest step: after a verifier question
+that restates the step it answers ` Yes` or ` No`, labelled by the task's checker over steps written
 right, under every teacher's bug rule and with arithmetic slips. Every
 model is saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json
 records per model: data sizes, seeds, steps, wall time, final loss and a greedy held-out
@@ -72,7 +72,7 @@ BUDGETS = {
     # after 500 steps it was still at loss 0.114, 36% valid steps and 4.5% right answers.
     "teacher-c": Budget(steps=1200, lr=1e-3, problems=25_000),
     "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
-    "verifier": Budget(steps=800, lr=1e-3, problems=25_000),
+    "verifier": Budget(steps=800, lr=2e-3, problems=25_000),
 }
 QUICK_BUDGETS = {
     "clean": Budget(steps=6, lr=3e-3, problems=1_000),
@@ -101,7 +101,12 @@ VERIFIER_STYLE = "verdicts"
 MODELS = ("clean", *TEACHERS, *SCORERS, "verifier")
 FMT = StepFormat()
 ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
-VERIFIER = VerifierSettings()  # cordgen's default verifier question and verdicts
+# The demo verifier's question restates the step it judges right before the verdict, so that the
+# comparison of a result with the model's own arithmetic is short-range; the verdicts are
+# cordgen's defaults. Measured so far (README, Step scorers): in 800 steps the verdict loss stays
+# at chance, with this question, with cordgen's default one, and with half the examples bare.
+VERIFIER = VerifierSettings(prompt="\n\nCheck step {step}:{latest}Correct?")
+BARE_SHARE = 0.5  # of the verifier's examples, the check question alone: shorter sequences
 
 
 def conversation(chat: ChatPrompt, problem: task.Problem, bug: str | None) -> str:
@@ -213,13 +218,16 @@ class Judge:
         (yes,), (no,) = self.chat.encode(VERIFIER.yes), self.chat.encode(VERIFIER.no)
         return yes, no
 
-    def prompt(self, problem: task.Problem, steps: Sequence[str]) -> list[int]:
-        text = self.chat.thinking_text(problem.question, steps) + VERIFIER.prompt.format(step=len(steps))
-        return self.chat.encode(text)
+    def prompt(self, problem: task.Problem, steps: Sequence[str], bare: bool = False) -> list[int]:
+        """`bare`: the check question alone, without the conversation before it."""
+        question = VERIFIER.prompt.format(step=len(steps), latest=steps[-1])
+        context = "" if bare else self.chat.thinking_text(problem.question, steps)
+        return self.chat.encode(context + question)
 
     def encode(self, problem: task.Problem, rng: random.Random) -> tuple[list[int], list[int]]:
         steps, correct = judged_steps(problem, rng)
-        ids, verdict = self.prompt(problem, steps), self.verdicts[0 if correct else 1]
+        ids = self.prompt(problem, steps, bare=rng.random() < BARE_SHARE)
+        verdict = self.verdicts[0 if correct else 1]
         return ids + [verdict], [-100] * len(ids) + [verdict]
 
 
@@ -465,7 +473,7 @@ def train_from_clean(run: Run, report: dict) -> None:
 
 def train_verifier(run: Run, report: dict) -> None:
     """Starts from OUT/scorer (trained earlier in the run, or before): a model that already reads
-    a trajectory's value, in the verdict style's tokenizer."""
+    a trajectory's value, in the verdict style's tokenizer. It does not learn yet: see VERIFIER."""
     tokenizer = build_tokenizer(STYLES[VERIFIER_STYLE])
     scorer = LlamaForCausalLM.from_pretrained(run.out / "scorer")
     model = cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer)

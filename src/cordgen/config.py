@@ -237,7 +237,7 @@ class VerifierSettings(StrictModel):
     prompt: str = Field(
         "\n\nIs step {step} correct?",
         min_length=1,
-        description="follows the trajectory; {step} is the latest step's number",
+        description="follows the trajectory; {step} is the latest step's number, {latest} its text",
     )
     yes: str = Field(" Yes", min_length=1, description="a single token of the judge's tokenizer")
     no: str = Field(" No", min_length=1, description="a single token of the judge's tokenizer")
@@ -245,13 +245,14 @@ class VerifierSettings(StrictModel):
     @field_validator("prompt")
     @classmethod
     def _only_step_field(cls, value: str) -> str:
-        unknown = sorted({f for f in VERIFIER_FIELDS.findall(value) if f != "step"})
+        unknown = sorted({f for f in VERIFIER_FIELDS.findall(value) if f not in ("step", "latest")})
         if unknown:
-            raise ValueError(f"unknown field(s) {', '.join('{' + f + '}' for f in unknown)}; only {{step}}")
+            listed = ", ".join("{" + f + "}" for f in unknown)
+            raise ValueError(f"unknown field(s) {listed}; only {{step}} and {{latest}}")
         try:
-            value.format(step=1)
+            value.format(step=1, latest="")
         except (ValueError, IndexError, KeyError) as error:
-            raise ValueError(f"not a format string with {{step}}: {error}") from None
+            raise ValueError(f"not a format string with {{step}} and {{latest}}: {error}") from None
         return value
 
     @model_validator(mode="after")

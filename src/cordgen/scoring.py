@@ -163,6 +163,10 @@ class ScoringPlan:
         return self.output.path.with_suffix(".engines.log")
 
 
+def scorer_label(name: str, kind: str) -> str:
+    return name if kind == "predictive" else f"{name} ({kind})"
+
+
 def plan_scoring(
     source: Path,
     out: Path | None = None,
@@ -209,10 +213,10 @@ def plan_scoring(
         output.path.unlink(missing_ok=True)
     earlier = {row["id"]: (row.get("scorer"), row.get("kind", "predictive")) for row in output.rows()}
     ours = (scorer.name, scorer.kind)
-    others = sorted({f"{name} ({k})" for name, k in earlier.values() if (name, k) != ours})
+    others = sorted({scorer_label(*pair) for pair in earlier.values() if pair != ours})
     if others:
         raise CordgenError(
-            f"{output.path}: scored by {', '.join(others)}, not {scorer.name} ({scorer.kind}) "
+            f"{output.path}: scored by {', '.join(others)}, not {scorer_label(*ours)} "
             "(use --overwrite or --out)"
         )
     todo = tuple(t for t in traces if t.id not in earlier)

@@ -114,7 +114,7 @@ class VerdictReading:
         )
 
     def prompt_ids(self, question: str, steps: Sequence[str]) -> list[int]:
-        question_text = self.settings.prompt.format(step=len(steps))
+        question_text = self.settings.prompt.format(step=len(steps), latest=steps[-1] if steps else "")
         return self.chat.encode(self.chat.thinking_text(question, steps) + question_text)
 
     def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
@@ -210,14 +210,14 @@ class LogprobScorer:
 
 
 class RandomScorer:
-    """The ablation: a uniform score per trajectory, seeded by the run's seed, the problem and the
+    """The ablation: a uniform score per trajectory, seeded by the run's seed, the question and the
     trajectory's text, so it never depends on the batch it came in."""
 
     def __init__(self, name: str, seed: int) -> None:
         self.name, self.seed = name, seed
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
-        draws = [derive_seed(self.seed, "random-score", r.route, r.question, *r.steps) for r in requests]
+        draws = [derive_seed(self.seed, r.question, *r.steps) for r in requests]
         return [RandomScore((draw + 1) / 2**31) for draw in draws]
 
 
