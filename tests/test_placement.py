@@ -78,7 +78,7 @@ def test_workers_give_the_records_in_process_engines_give(
 
 @pytest.mark.engine
 def test_workers_give_the_in_process_records_on_unseen_problems_and_follow_the_seed(
-    tiny_model_dirs, engine_pool, worker_pool
+    unseen_records, tiny_model_dirs, worker_pool
 ):
     from tests.test_synth import (
         assert_another_seed_changes_each,
@@ -88,11 +88,10 @@ def test_workers_give_the_in_process_records_on_unseen_problems_and_follow_the_s
         unseen_inputs,
     )
 
-    unseen = unseen_inputs()
-    in_process = run(short_recipe(tiny_model_dirs, 3), engine_pool, unseen)
-    in_workers = run(short_recipe(tiny_model_dirs, 3), worker_pool, unseen)
-    assert_same_records(in_workers, in_process)
-    assert_another_seed_changes_each(in_workers, run(short_recipe(tiny_model_dirs, 4), worker_pool, unseen))
+    in_workers = run(short_recipe(tiny_model_dirs, 3), worker_pool, unseen_inputs())
+    assert_same_records(in_workers, unseen_records)
+    reseeded = run(short_recipe(tiny_model_dirs, 4), worker_pool, unseen_inputs())
+    assert_another_seed_changes_each(in_workers, reseeded)
 
 
 def test_each_worker_process_sees_the_gpus_its_engine_names(tiny_model_dirs, tmp_path):

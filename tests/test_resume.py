@@ -241,11 +241,11 @@ def test_the_round_in_flight_when_sigterm_lands_is_written(workdir, uninterrupte
 def test_shards_merged_equal_one_unsharded_run(
     tmp_path, tiny_model_dirs, engine_pool, alpha_model, beta_model
 ):
-    """Memorised problems, and unseen ones (u0..u3 fall in all three shards), where only seeds
-    keyed by the problem alone give each shard the unsharded run's samples."""
-    data = recipe_data(tiny_model_dirs, max_steps=4)
+    """Memorised problems, and unseen ones (one in each shard), where only seeds keyed by the
+    problem alone give each shard the unsharded run's samples."""
+    data = recipe_data(tiny_model_dirs, max_steps=3)
     memorised = [Problem(f"m{i}", p.question, p.answer) for i, p in enumerate(make_problems(10, 7))]
-    rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in memorised + unseen_inputs()]
+    rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in memorised + unseen_inputs(3)]
     (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     data["input"] = {"path": str(tmp_path / "problems.jsonl")}
 
@@ -256,11 +256,11 @@ def test_shards_merged_equal_one_unsharded_run(
 
     whole = run("whole", None)
     shards = [run(f"shard{i}", Shard(i, 3)) for i in range(3)]
-    assert all(any(r.id.startswith("u") for r in shard) for shard in shards)
+    assert [[r.id for r in shard if r.id.startswith("u")] for shard in shards] == [["u0"], ["u1"], ["u2"]]
     report = merge_runs([tmp_path / f"shard{i}" for i in range(3)], tmp_path / "merged")
-    assert report.problems == 14 and not report.missing and not report.duplicates and not report.conflicts
+    assert report.problems == 13 and not report.missing and not report.duplicates and not report.conflicts
     merged = list(RunDirectory(tmp_path / "merged").records())
     assert [r.id for r in merged] == [row["id"] for row in rows]
     assert_same_records(sorted(merged, key=lambda r: r.id), whole)
     reseeded = run("reseeded", None, seed=4)
-    assert_another_seed_changes_each(whole[-4:], reseeded[-4:])  # u0..u3, after m0..m9
+    assert_another_seed_changes_each(whole[-3:], reseeded[-3:])  # u0..u2, after m0..m9

@@ -77,11 +77,6 @@ def cord_records(recipe, engine_pool, alpha_model, beta_model, inputs):
     return run(recipe, engine_pool, inputs, calls), calls
 
 
-@pytest.fixture(scope="module")
-def unseen_records(tiny_model_dirs, engine_pool, alpha_model, beta_model) -> list[TraceRecord]:
-    return run(short_recipe(tiny_model_dirs, 3), engine_pool, unseen_inputs())
-
-
 def test_every_round_is_one_call_per_teacher_and_one_scorer_call(cord_records, inputs):
     records, calls = cord_records
     rounds = max(r.usage.rounds for r in records)
