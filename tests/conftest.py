@@ -45,3 +45,11 @@ def alpha_model(engine_pool, tiny_model_dirs):
 @pytest.fixture(scope="session")
 def beta_model(engine_pool, tiny_model_dirs):
     return engine_pool.model(engine_settings(tiny_model_dirs["beta"]))
+
+
+@pytest.fixture(scope="session")
+def unseen_records(tiny_model_dirs, engine_pool, alpha_model, beta_model):
+    """Seed 3's records of problems the tiny teachers never saw, which each path must reproduce."""
+    from tests.test_synth import run, short_recipe, unseen_inputs
+
+    return run(short_recipe(tiny_model_dirs, 3), engine_pool, unseen_inputs())

@@ -66,16 +66,76 @@ def worker_pool():
 def test_workers_give_the_records_in_process_engines_give(
     tiny_model_dirs, engine_pool, worker_pool, problems
 ):
-    from tests.test_synth import recipe_data, run, strip_scores
+    from tests.test_synth import assert_same_records, recipe_data, run
 
     recipe = Recipe.model_validate(recipe_data(tiny_model_dirs))
     inputs = [Problem(f"p{i}", p.question, p.answer) for i, p in enumerate(problems[:6])]
     in_process = run(recipe, engine_pool, inputs)
     in_workers = run(recipe, worker_pool, inputs)
     assert len(worker_pool) == 2 and all(m.process.is_alive() for m in worker_pool._models.values())
-    assert [strip_scores(r) for r in in_workers] == [strip_scores(r) for r in in_process]
-    for a, b in zip(in_workers, in_process):
-        assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
+    assert_same_records(in_workers, in_process)
+
+
+@pytest.mark.engine
+def test_workers_give_the_in_process_records_on_unseen_problems_and_follow_the_seed(
+    unseen_records, tiny_model_dirs, worker_pool
+):
+    from tests.test_synth import (
+        assert_another_seed_changes_each,
+        assert_same_records,
+        run,
+        short_recipe,
+        unseen_inputs,
+    )
+
+    in_workers = run(short_recipe(tiny_model_dirs, 3), worker_pool, unseen_inputs())
+    assert_same_records(in_workers, unseen_records)
+    reseeded = run(short_recipe(tiny_model_dirs, 4), worker_pool, unseen_inputs())
+    assert_another_seed_changes_each(in_workers, reseeded)
+
+
+def test_each_worker_process_sees_the_gpus_its_engine_names(tiny_model_dirs, tmp_path):
+    """A worker sets CUDA_VISIBLE_DEVICES itself before vLLM loads, and its engine-log line reads
+    the variable back (its /proc/PID/environ, written at exec, cannot show it). The workers are
+    killed there: on a CPU build their engines would start (vLLM ignores the variable), a minute
+    more for nothing this checks."""
+    import re
+
+    from cordgen.engines.worker import WorkerModel
+    from tests.conftest import engine_settings
+
+    log, before = tmp_path / "engines.log", os.environ.get("CUDA_VISIBLE_DEVICES")
+    alpha = tiny_model_dirs["alpha"]
+    workers = {
+        label: WorkerModel(engine_settings(alpha, gpus=gpus), label, log)
+        for label, gpus in (("gpus-0", (0,)), ("gpus-1,2", (1, 2)))
+    }
+    try:
+        text = wait_for_log_lines(log, list(workers.values()))
+    finally:
+        for worker in workers.values():
+            worker.kill()
+    lines = re.findall(r"=== cordgen engine (\S+) \(.*\), pid (\d+), (.*)", text)
+    assert {label: (int(pid), devices) for label, pid, devices in lines} == {
+        "gpus-0": (workers["gpus-0"].process.pid, "CUDA_VISIBLE_DEVICES=0"),
+        "gpus-1,2": (workers["gpus-1,2"].process.pid, "CUDA_VISIBLE_DEVICES=1,2"),
+    }
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # set in the workers alone
+
+
+def wait_for_log_lines(log, workers, limit_s: float = 300) -> str:
+    """The engine log once every worker has written its first line (`limit_s` guards against a
+    hang; it is no time limit: starts are slow on a busy machine)."""
+    import time
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        if text.count("=== cordgen engine") >= len(workers):
+            return text
+        assert all(w.process.is_alive() for w in workers), text
+        time.sleep(0.1)
+    pytest.fail(f"not every worker wrote to {log} in {limit_s} s")
 
 
 @pytest.mark.engine

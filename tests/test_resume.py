@@ -15,10 +15,17 @@ import pytest
 import yaml
 
 from cordgen.config import Recipe
-from cordgen.problems import Shard
+from cordgen.problems import Problem, Shard
+from cordgen.records import TraceRecord
 from cordgen.store import RunDirectory, merge_runs
 from cordgen.synth import NoObserver, execute, plan_run
-from tests.test_synth import recipe_data, strip_scores
+from tests.test_synth import (
+    assert_another_seed_changes_each,
+    assert_same_records,
+    recipe_data,
+    strip_scores,
+    unseen_inputs,
+)
 from tests.tiny_models import make_problems
 
 pytestmark = pytest.mark.engine
@@ -234,23 +241,26 @@ def test_the_round_in_flight_when_sigterm_lands_is_written(workdir, uninterrupte
 def test_shards_merged_equal_one_unsharded_run(
     tmp_path, tiny_model_dirs, engine_pool, alpha_model, beta_model
 ):
-    data = recipe_data(tiny_model_dirs)
-    rows = [
-        {"id": f"m{i}", "question": p.question, "answer": p.answer}
-        for i, p in enumerate(make_problems(10, 7))
-    ]
+    """Memorised problems, and unseen ones (one in each shard), where only seeds keyed by the
+    problem alone give each shard the unsharded run's samples."""
+    data = recipe_data(tiny_model_dirs, max_steps=3)
+    memorised = [Problem(f"m{i}", p.question, p.answer) for i, p in enumerate(make_problems(10, 7))]
+    rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in memorised + unseen_inputs(3)]
     (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     data["input"] = {"path": str(tmp_path / "problems.jsonl")}
 
-    def run(out: str, shard: Shard | None) -> Path:
-        recipe = Recipe.model_validate({**data, "output": {"path": str(tmp_path / out)}})
+    def run(out: str, shard: Shard | None, seed: int = 3) -> list[TraceRecord]:
+        recipe = Recipe.model_validate({**data, "seed": seed, "output": {"path": str(tmp_path / out)}})
         execute(plan_run(recipe, shard), NoObserver(), lambda records: None, pool=engine_pool)
-        return tmp_path / out
+        return sorted(RunDirectory(tmp_path / out).records(), key=lambda r: r.id)
 
     whole = run("whole", None)
     shards = [run(f"shard{i}", Shard(i, 3)) for i in range(3)]
-    report = merge_runs(shards, tmp_path / "merged")
-    assert report.problems == 10 and not report.missing and not report.duplicates and not report.conflicts
-    merged = {r.id: strip_scores(r) for r in RunDirectory(tmp_path / "merged").records()}
-    assert [r.id for r in RunDirectory(tmp_path / "merged").records()] == [row["id"] for row in rows]
-    assert merged == {r.id: strip_scores(r) for r in RunDirectory(whole).records()}
+    assert [[r.id for r in shard if r.id.startswith("u")] for shard in shards] == [["u0"], ["u1"], ["u2"]]
+    report = merge_runs([tmp_path / f"shard{i}" for i in range(3)], tmp_path / "merged")
+    assert report.problems == 13 and not report.missing and not report.duplicates and not report.conflicts
+    merged = list(RunDirectory(tmp_path / "merged").records())
+    assert [r.id for r in merged] == [row["id"] for row in rows]
+    assert_same_records(sorted(merged, key=lambda r: r.id), whole)
+    reseeded = run("reseeded", None, seed=4)
+    assert_another_seed_changes_each(whole[-3:], reseeded[-3:])  # u0..u2, after m0..m9

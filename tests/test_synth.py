@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +17,7 @@ from cordgen.problems import Problem
 from cordgen.records import TraceRecord
 from cordgen.synth import synthesize
 from tests.conftest import ENGINE_DEFAULTS
+from tests.tiny_models import make_problems
 
 pytestmark = pytest.mark.engine
 
@@ -116,11 +118,21 @@ def test_the_tiny_teachers_mostly_solve_what_they_memorised(cord_records):
 def test_same_seed_same_records_and_batched_equals_alone(cord_records, recipe, engine_pool, inputs):
     records, _ = cord_records
     again = run(recipe, engine_pool, inputs)
-    assert [strip_scores(r) for r in again] == [strip_scores(r) for r in records]
+    assert_same_records(again, records)
     alone = [run(recipe, engine_pool, [p])[0] for p in inputs[:3]]
-    assert [strip_scores(r) for r in alone] == [strip_scores(r) for r in records[:3]]
-    for a, b in zip(alone, records):
-        assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
+    assert_same_records(alone, records[:3])
+
+
+def test_on_unseen_problems_the_same_seed_gives_the_same_records_and_another_seed_others(
+    unseen_records, tiny_model_dirs, engine_pool
+):
+    """Seeds keyed by the problem, not by its place in the batch: the last problem alone samples
+    what it sampled fourth in the batch."""
+    unseen, recipe = unseen_inputs(), short_recipe(tiny_model_dirs, 3)
+    assert_same_records(run(recipe, engine_pool, unseen), unseen_records)
+    assert_same_records(run(recipe, engine_pool, unseen[-1:]), unseen_records[-1:])
+    reseeded = run(short_recipe(tiny_model_dirs, 4), engine_pool, unseen)
+    assert_another_seed_changes_each(unseen_records, reseeded)
 
 
 def test_pipelined_groups_give_the_lockstep_records_with_one_call_per_group_round(
@@ -130,10 +142,19 @@ def test_pipelined_groups_give_the_lockstep_records_with_one_call_per_group_roun
     pipelined = Recipe.model_validate(recipe_data(tiny_model_dirs, pipeline_groups=3))
     calls: Counter = Counter()
     got = run(pipelined, engine_pool, inputs, calls)
-    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in records]
+    assert_same_records(got, records)
     groups = [got[0:3], got[3:6], got[6:8]]  # ids p0..p7 in input order, split 3/3/2
     group_rounds = sum(max(r.usage.rounds for r in group) for group in groups)
     assert calls[("alpha", "propose")] == calls[("alpha-scorer", "score")] == group_rounds
+
+
+def test_pipelined_groups_give_the_lockstep_records_on_unseen_problems_and_follow_the_seed(
+    unseen_records, tiny_model_dirs, engine_pool
+):
+    pipelined = run(short_recipe(tiny_model_dirs, 3, pipeline_groups=2), engine_pool, unseen_inputs())
+    assert_same_records(pipelined, unseen_records)
+    reseeded = run(short_recipe(tiny_model_dirs, 4, pipeline_groups=2), engine_pool, unseen_inputs())
+    assert_another_seed_changes_each(pipelined, reseeded)
 
 
 def strip_scores(record: TraceRecord) -> dict:
@@ -145,6 +166,38 @@ def strip_scores(record: TraceRecord) -> dict:
             step.pop("score"), step.pop("perplexity")
     data["usage"].pop("scored_tokens_computed")
     return data
+
+
+def scores_of(records: list[TraceRecord]) -> list[float]:
+    """Every trajectory's and every step's score, in record order; NaN where there is none."""
+    trajectories = [t for r in records for t in (r.result, *r.alternatives)]
+    scores = [s for t in trajectories for s in (t.score, *(step.score for step in t.steps))]
+    return [math.nan if s is None else s for s in scores]
+
+
+def assert_same_records(got: list[TraceRecord], expected: list[TraceRecord]) -> None:
+    """Equal records, their scores to 1e-3: those may differ in the last bits between batch shapes."""
+    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in expected]
+    assert scores_of(got) == pytest.approx(scores_of(expected), rel=1e-3, nan_ok=True)
+
+
+def unseen_inputs(count: int = 4) -> list[Problem]:
+    """Problems the tiny teachers never saw. On the memorised ones they write the same steps
+    whatever the seed, so only here do equal records show that a path passes the seed on."""
+    return [Problem(f"u{i}", p.question, p.answer) for i, p in enumerate(make_problems(count, seed=41))]
+
+
+def short_recipe(dirs: dict[str, str], seed: int, **search) -> Recipe:
+    """At most three rounds: enough for samples at temperature 1 to part between seeds."""
+    return Recipe.model_validate({**recipe_data(dirs, max_steps=3, **search), "seed": seed})
+
+
+def assert_another_seed_changes_each(records: list[TraceRecord], reseeded: list[TraceRecord]) -> None:
+    """The negative control: another recipe seed gives every unseen problem another record, so
+    equal records elsewhere are the seed's doing, not the tiny teachers' memory."""
+    assert [r.id for r in reseeded] == [r.id for r in records]
+    unchanged = [a.id for a, b in zip(records, reseeded) if strip_scores(a) == strip_scores(b)]
+    assert not unchanged, f"another seed, the same records for {unchanged}"
 
 
 def test_single_teacher_search(tiny_model_dirs, engine_pool, alpha_model, inputs):

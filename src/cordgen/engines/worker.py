@@ -70,6 +70,13 @@ def share_cpu_cores(threads: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def devices() -> str:
+    """The GPUs this process may use, as its engine log line states them. The worker sets the
+    variable itself, after the spawn, so /proc/PID/environ (the environment at exec) never shows it."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "CUDA_VISIBLE_DEVICES unset" if visible is None else f"CUDA_VISIBLE_DEVICES={visible}"
+
+
 def serve(
     settings: EngineSettings,
     conn: Connection,
@@ -81,14 +88,14 @@ def serve(
     """The worker's main loop: load the engine, then answer calls until told to stop."""
     os.setsid()
     die_with_parent(parent_pid)
+    if settings.gpus is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpus)
     if log_path is not None:
         send_output_to(log_path)
-        print(f"=== cordgen engine {label} ({settings.model}), pid {os.getpid()}", flush=True)
+        print(f"=== cordgen engine {label} ({settings.model}), pid {os.getpid()}, {devices()}", flush=True)
     own_resource_tracker()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     share_cpu_cores(cpu_threads)
-    if settings.gpus is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in settings.gpus)
     try:
         from cordgen.engines.vllm_local import VllmModel
 
