@@ -104,14 +104,14 @@ def test_each_worker_process_sees_the_gpus_its_engine_names(tiny_model_dirs, tmp
     from cordgen.engines.worker import WorkerModel
     from tests.conftest import engine_settings
 
-    log, before = tmp_path / "engines.log", os.environ.get("CUDA_VISIBLE_DEVICES")
-    alpha = tiny_model_dirs["alpha"]
+    before, alpha = os.environ.get("CUDA_VISIBLE_DEVICES"), tiny_model_dirs["alpha"]
+    logs = {label: tmp_path / f"{label}.log" for label in ("gpus-0", "gpus-1,2")}  # one each: no interleaving
     workers = {
-        label: WorkerModel(engine_settings(alpha, gpus=gpus), label, log)
+        label: WorkerModel(engine_settings(alpha, gpus=gpus), label, logs[label])
         for label, gpus in (("gpus-0", (0,)), ("gpus-1,2", (1, 2)))
     }
     try:
-        text = wait_for_log_lines(log, list(workers.values()))
+        text = "".join(wait_for_log_lines(logs[label], [worker]) for label, worker in workers.items())
     finally:
         for worker in workers.values():
             worker.kill()
