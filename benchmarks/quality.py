@@ -42,7 +42,8 @@ class Variant:
     group: str
     strategy: str = "cord"
     teachers: tuple[str, ...] = ()  # empty: every teacher of the recipe
-    scorer: str = "scorer"  # the recipe's scorer, "scorer-final" (its ablation) or "random" (the kind)
+    scorer: str = "scorer"  # the recipe's scorer or "scorer-final" (its ablation)
+    kind: str = "predictive"  # scorer.kind; on the demo, verifier and hybrid ask its verifier (JUDGE)
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
 
@@ -57,14 +58,20 @@ VARIANTS = (
     Variant("cord B=1", "beam width", beam_width=1),
     Variant("cord B=2", "beam width", beam_width=2),
     Variant("cord, scorer-final", "scorer", scorer="scorer-final"),
-    Variant("cord, random choice", "scorer", scorer="random"),
+    Variant("cord, random choice", "scorer", kind="random"),
+    Variant("cord, verifier", "scorer", kind="verifier"),
+    Variant("cord, hybrid", "scorer", kind="hybrid"),
 )
+# The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.
+JUDGE = {"prompt": "\n\nCheck step {step}:{latest}Correct?", "yes": " Yes", "no": " No"}
+JUDGED_KINDS = ("verifier", "hybrid")
 
 
 @dataclass
 class ScoredCandidate:
     request: ScoreRequest
     score: float
+    components: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,19 +87,26 @@ class RecordingScorer:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
         scores = self.inner.score(requests)
-        self.seen.extend(ScoredCandidate(r, s.score) for r, s in zip(requests, scores))
+        self.seen.extend(ScoredCandidate(r, s.score, s.components) for r, s in zip(requests, scores) if s)
         return scores
 
 
-def variant_recipe(base: Recipe, variant: Variant, seed: int, final_scorer: str) -> Recipe:
+def demo_model(base: Recipe, name: str) -> str:
+    """A shipped demo model next to the recipe's scorer."""
+    return str(Path(base.scorer.engine.model).parent / name)
+
+
+def variant_recipe(base: Recipe, variant: Variant, seed: int) -> Recipe:
     data = base.model_dump()
     if variant.teachers:
         data["teachers"] = [t for t in data["teachers"] if t["name"] in variant.teachers]
     if variant.scorer == "scorer-final":
         data["scorer"]["name"] = "scorer-final"
-        data["scorer"]["engine"]["model"] = final_scorer
-    if variant.scorer == "random":
-        data["scorer"]["kind"] = "random"  # the search keeps random children instead of likely ones
+        data["scorer"]["engine"]["model"] = demo_model(base, "scorer-final")
+    data["scorer"]["kind"] = variant.kind  # random: the search keeps random children, not likely ones
+    if variant.kind in JUDGED_KINDS and Path(demo_model(base, "verifier")).is_dir():
+        engine = {**data["scorer"]["engine"], "model": demo_model(base, "verifier")}
+        data["scorer"]["verifier"] = {**data["scorer"]["verifier"], **JUDGE, "engine": engine}
     data["search"]["strategy"] = variant.strategy
     if variant.beam_width is not None:
         data["search"]["beam_width"] = variant.beam_width
@@ -115,16 +129,20 @@ def step_is_right(problem: task.Problem, steps: Sequence[str]) -> bool | None:
     return task.parse_step(steps[-1]) == (value, op, b, task.apply(value, op, b))
 
 
-def ranking_accuracy(seen: Sequence[ScoredCandidate], problems: dict[str, task.Problem]) -> dict:
+def ranking_accuracy(
+    seen: Sequence[ScoredCandidate], problems: dict[str, task.Problem], component: str | None = None
+) -> dict:
     """Of (right, wrong) candidate pairs sharing a parent trajectory whose steps are all right, the
     share where the right one scores higher (ties count half), by step position and at each
-    problem's last step."""
+    problem's last step. `component`: rank by that kind's own value (e.g. a hybrid's verifier
+    part) instead of the score the search ranked by."""
     groups: dict[tuple, dict[str, tuple[bool, float]]] = defaultdict(dict)
     for item in seen:
         request = item.request
         verdict = step_is_right(problems[request.question], request.steps)
-        if verdict is not None and math.isfinite(item.score):
-            groups[(request.question, request.steps[:-1])][request.steps[-1]] = (verdict, item.score)
+        value = item.score if component is None else item.components.get(component, math.nan)
+        if verdict is not None and math.isfinite(value):
+            groups[(request.question, request.steps[:-1])][request.steps[-1]] = (verdict, value)
     wins: Counter = Counter()
     pairs: Counter = Counter()
     for (question, parent), children in groups.items():
@@ -189,8 +207,11 @@ def run_variant(
     started = time.perf_counter()
     synthesize(problems, teachers, recorder, recipe, records.extend)
     result = measure(records, demo, time.perf_counter() - started)
-    if variant.strategy != "curate" and variant.scorer != "random":
+    if variant.strategy != "curate" and variant.kind != "random":
         result["step_ranking"] = ranking_accuracy(recorder.seen, demo)
+        components = sorted({c for item in recorder.seen for c in item.components})
+        if len(components) > 1:
+            result["component_ranking"] = {c: ranking_accuracy(recorder.seen, demo, c) for c in components}
     return result
 
 
@@ -209,14 +230,23 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
         t: round(statistics.fmean(r["kept_step_share"].get(t, 0.0) for r in runs), 4) for t in teachers
     }
     if "step_ranking" in runs[0]:
-        ranking = {}
-        for key in sorted({k for r in runs for k in r["step_ranking"]}):
-            cells = [r["step_ranking"][key] for r in runs if key in r["step_ranking"]]
-            pairs = sum(c["pairs"] for c in cells)
-            wins = sum(c["pairs"] * c["accuracy"] for c in cells)
-            ranking[key] = {"pairs": pairs, "accuracy": round(wins / pairs, 4)}
-        summary["step_ranking"] = ranking
+        summary["step_ranking"] = pooled_ranking([r["step_ranking"] for r in runs])
+    if "component_ranking" in runs[0]:
+        summary["component_ranking"] = {
+            c: pooled_ranking([r["component_ranking"][c] for r in runs]) for c in runs[0]["component_ranking"]
+        }
     return summary
+
+
+def pooled_ranking(rankings: Sequence[dict]) -> dict:
+    """Step-ranking accuracy over several seeds' pairs."""
+    pooled = {}
+    for key in sorted({k for r in rankings for k in r}):
+        cells = [r[key] for r in rankings if key in r]
+        pairs = sum(c["pairs"] for c in cells)
+        wins = sum(c["pairs"] * c["accuracy"] for c in cells)
+        pooled[key] = {"pairs": pairs, "accuracy": round(wins / pairs, 4)}
+    return pooled
 
 
 def percent(value: float | None) -> str:
@@ -249,12 +279,27 @@ def markdown(report: dict) -> str:
     ]
     lines.append("|" + "---|" * 8)
     for name, row in report["variants"].items():
-        ranking = row["mean"].get("step_ranking")
-        if ranking and name in ("cord", "cord, scorer-final"):
+        if name in RANKED:
+            lines += ranking_lines(name, row)
+    return "\n".join(lines) + "\n"
+
+
+# The rows of the step-ranking table: the full recipe under each scorer and kind.
+RANKED = ("cord", "cord, scorer-final", "cord, verifier", "cord, hybrid")
+
+
+def ranking_lines(name: str, row: dict) -> list[str]:
+    """The variant's ranking by the score it searched with, then by each of its components."""
+    label = row["scorer"] if row["kind"] == "predictive" else row["kind"]
+    tables = [(label, row["mean"].get("step_ranking"))]
+    tables += [(f"{label}: {c} part", r) for c, r in row["mean"].get("component_ranking", {}).items()]
+    lines = []
+    for title, ranking in tables:
+        if ranking:
             cells = [ranking.get(k) for k in ("1", "2", "3", "4", "5", "middle", "last")]
             text = [f"{percent(c['accuracy'])} ({c['pairs']})" if c else "-" for c in cells]
-            lines.append(f"| {row['scorer']} | " + " | ".join(text) + " |")
-    return "\n".join(lines) + "\n"
+            lines.append(f"| {title} | " + " | ".join(text) + " |")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -280,29 +325,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = load_recipe(args.config)
     problems = load_problems(base.input.path).problems[: args.problems]
     demo = {p.question: task.parse_question(p.question) for p in problems}
-    final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
     pool = EnginePool(base.placement)
     try:
         started = time.perf_counter()
         for variant in chosen:
-            recipe = variant_recipe(base, variant, seeds[0], final_scorer)
-            for role in (*recipe.teachers, recipe.scorer):
-                pool.model(role.engine)
+            recipe = variant_recipe(base, variant, seeds[0])
+            for engine in (*(t.engine for t in recipe.teachers), *recipe.scorer.engines()):
+                pool.model(engine)
         load_s = time.perf_counter() - started
         console.print(f"{len(pool)} engines loaded in {load_s:.0f} s")
         variants = {}
         for variant in chosen:
             runs = []
             for seed in seeds:
-                recipe = variant_recipe(base, variant, seed, final_scorer)
+                recipe = variant_recipe(base, variant, seed)
                 runs.append(run_variant(variant, recipe, pool, problems, demo))
                 console.print(f"{variant.name} (seed {seed}): {json.dumps(runs[-1])}")
             variants[variant.name] = {
                 "group": variant.group,
                 "strategy": variant.strategy,
                 "scorer": variant.scorer,
+                "kind": variant.kind,
                 "beam_width": recipe.search.beam_width,
                 "mean": mean_over_seeds(runs),
                 "seeds": runs,

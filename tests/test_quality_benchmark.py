@@ -55,3 +55,41 @@ def test_ranking_accuracy_counts_right_wrong_pairs_of_one_parent_by_position():
     assert ranking["2"] == {"pairs": 2, "accuracy": 0.25}
     assert ranking["middle"] == {"pairs": 3, "accuracy": 0.5}
     assert ranking["last"] == {"pairs": 1, "accuracy": 1.0}
+
+
+def test_a_component_ranks_the_same_pairs_by_its_own_value():
+    first = " 37 + 48 = 85\n"
+
+    def both(steps, predictive, verifier):
+        request = ScoreRequest(QUESTION, steps, "236")
+        return quality.ScoredCandidate(request, predictive * verifier, {"predictive": predictive, "verifier": verifier})
+
+    seen = [
+        both((first,), 0.2, 0.9),
+        both((" 37 + 48 = 75\n",), 0.3, 0.1),  # predictive ranks it first, the verifier last
+    ]
+    problems = {QUESTION: PROBLEM}
+    assert quality.ranking_accuracy(seen, problems)["1"]["accuracy"] == 1.0
+    assert quality.ranking_accuracy(seen, problems, "predictive")["1"]["accuracy"] == 0.0
+    assert quality.ranking_accuracy(seen, problems, "verifier")["1"]["accuracy"] == 1.0
+    assert quality.ranking_accuracy(seen, problems, "prm") == {}  # a part the scorer never read
+
+
+def test_judged_variants_ask_the_demo_verifier_as_it_was_trained_where_it_ships(tmp_path):
+    from cordgen.config import Recipe, load_recipe
+
+    demo = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    data = demo.model_dump()
+    data["scorer"]["engine"]["model"] = str(tmp_path / "scorer")
+    base = Recipe.model_validate(data)
+    variants = {v.name: v for v in quality.VARIANTS}
+    elsewhere = quality.variant_recipe(base, variants["cord, hybrid"], 1)
+    assert elsewhere.scorer.verifier == base.scorer.verifier  # no demo verifier: the recipe's judge
+    (tmp_path / "verifier").mkdir()
+    hybrid = quality.variant_recipe(base, variants["cord, hybrid"], 1)
+    assert hybrid.scorer.kind == "hybrid" and hybrid.seed == 1
+    assert hybrid.scorer.verifier.engine.model == str(tmp_path / "verifier")
+    assert hybrid.scorer.verifier.prompt == quality.JUDGE["prompt"]
+    assert set(hybrid.scorer.engines().values()) == {"scorer", "scorer-verifier"}
+    assert quality.variant_recipe(base, variants["cord, random choice"], 0).scorer.engines() == {}
+    assert quality.variant_recipe(base, variants["cord"], 0).scorer == base.scorer
