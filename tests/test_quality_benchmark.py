@@ -62,7 +62,9 @@ def test_a_component_ranks_the_same_pairs_by_its_own_value():
 
     def both(steps, predictive, verifier):
         request = ScoreRequest(QUESTION, steps, "236")
-        return quality.ScoredCandidate(request, predictive * verifier, {"predictive": predictive, "verifier": verifier})
+        return quality.ScoredCandidate(
+            request, predictive * verifier, {"predictive": predictive, "verifier": verifier}
+        )
 
     seen = [
         both((first,), 0.2, 0.9),
