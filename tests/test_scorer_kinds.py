@@ -117,11 +117,11 @@ def verifier_recipe(tmp_path, model: str, **verifier) -> str:
 
 
 def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_pieces(tiny_model_dirs, tmp_path):
-    from cordgen.engines.scorers import check_verifier
+    from cordgen.engines.scorers import check_scorer_tokens
 
     alpha = tiny_model_dirs["alpha"]
     fine = ScorerConfig(engine={"model": alpha}, kind="verifier", verifier={"yes": "Y", "no": "N"})
-    check_verifier(fine, Recipe.model_fields["format"].default)
+    check_scorer_tokens(fine, Recipe.model_fields["format"].default)
     recipe_path = verifier_recipe(tmp_path, alpha, yes=" Yes", no="N")
     result = subprocess.run(
         [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
