@@ -1,7 +1,7 @@
 """The process reward model kind on a real vLLM pooling engine: its rewards against a torch
 forward pass, synthesis with kind prm and with a hybrid over the predictive score and the PRM
 (one PRM call per round, each kind kept per step in the records), and the same rewards from a
-`vllm serve` of the PRM."""
+`vllm serve` of the PRM and from PRM replicas on Ray."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import pytest
 
-from cordgen.config import EngineSettings, Recipe, ScorerConfig, StepFormat
+from cordgen.config import EngineSettings, PlacementConfig, Recipe, ScorerConfig, StepFormat
 from cordgen.engines import RewardRequest, ScoreRequest
 from cordgen.errors import EngineError
 from cordgen.problems import Problem
@@ -137,3 +137,26 @@ def test_a_served_prm_gives_the_rewards_of_the_local_engine(prm_server, prm_mode
             remote.step_rewards([other])
     finally:
         remote.shutdown()
+
+
+def test_prm_replicas_on_ray_give_the_rewards_of_the_local_engine(prm_model, tiny_prm_dir, problems):
+    pytest.importorskip("ray")
+    from cordgen.engines.placement import vllm_is_cpu_build
+    from cordgen.engines.ray_replicas import RayEngines
+    from cordgen.engines.scorers import RewardReading
+
+    settings = prm_model.settings.model_copy(update={"replicas": 2})
+    cluster = RayEngines(PlacementConfig(mode="ray", replica_timeout_s=300), vllm_is_cpu_build(), None)
+    try:
+        replicas = cluster.start({settings: "prm"})[settings]
+        config = ScorerConfig(engine={"model": tiny_prm_dir}, kind="prm", prm=prm_settings(prm_model))
+        reading = RewardReading(config, replicas, StepFormat())
+        requests = [
+            RewardRequest(reading.prompt_ids(p.question, p.steps), reading.separator, route=f"p{i}")
+            for i, p in enumerate(problems[:8])
+        ]
+        for replicated, local in zip(replicas.step_rewards(requests), prm_model.step_rewards(requests)):
+            assert replicated == pytest.approx(local, rel=1e-4)
+        assert sorted(cluster.clock.take()) == ["prm#0", "prm#1"]  # each replica served its share
+    finally:
+        cluster.shutdown()
