@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.tiny_models import Problem, build_tiny_model, make_problems
+from tests.tiny_prm import build_tiny_prm
 
 ENGINE_DEFAULTS = dict(
     dtype="float32", max_model_len=1024, kv_cache_memory_bytes=64 * 2**20, seed=0, block_size=32
@@ -45,6 +46,19 @@ def alpha_model(engine_pool, tiny_model_dirs):
 @pytest.fixture(scope="session")
 def beta_model(engine_pool, tiny_model_dirs):
     return engine_pool.model(engine_settings(tiny_model_dirs["beta"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_prm_dir(tmp_path_factory, problems) -> str:
+    return str(build_tiny_prm(tmp_path_factory.mktemp("tiny-prm") / "prm", problems))
+
+
+@pytest.fixture(scope="session")
+def prm_model(engine_pool, tiny_prm_dir):
+    """The tiny process reward model's one engine for the whole session, with the settings a
+    recipe's PRM gets on a CPU build (the pooling runner, chunked prefill off), so that planned
+    runs find it loaded."""
+    return engine_pool.model(engine_settings(tiny_prm_dir, runner="pooling", enable_chunked_prefill=False))
 
 
 @pytest.fixture(scope="session")

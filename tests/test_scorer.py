@@ -14,10 +14,10 @@ pytestmark = pytest.mark.engine
 
 
 def make_scorer(model, **overrides):
-    from cordgen.engines.scorers import LogprobScorer, PredictiveReading, Weighted
+    from cordgen.engines.scorers import EngineScorer, PredictiveReading, Weighted
 
     config = ScorerConfig(engine=model.settings, **overrides)
-    return LogprobScorer(config, [Weighted(PredictiveReading(config, model, StepFormat()), 1.0)])
+    return EngineScorer(config, [Weighted(PredictiveReading(config, model, StepFormat()), 1.0)])
 
 
 def score_requests(problems) -> list[ScoreRequest]:

@@ -1,6 +1,6 @@
-"""Step scorer kinds without engines: the verdict and hybrid arithmetic, the seeded random
-ablation, what each kind loads, what enters the semantic hash, and plan-time errors for bad
-verdicts and verifier questions."""
+"""Step scorer kinds without engines: the verdict, reward and hybrid arithmetic, the seeded
+random ablation, what each kind loads, what enters the semantic hash, and plan-time errors for
+bad verdicts, verifier questions and PRM separators."""
 
 from __future__ import annotations
 
@@ -14,9 +14,17 @@ import yaml
 from pydantic import ValidationError
 
 from cordgen.config import Recipe, ScorerConfig, VerifierSettings, semantic_hash
-from cordgen.engines import AnswerScore, ScoreRequest, VerdictScore, WeightedScore
+from cordgen.engines import (
+    AnswerScore,
+    RewardRequest,
+    RewardScore,
+    ScoreRequest,
+    VerdictScore,
+    WeightedScore,
+    read_rewards,
+)
 from cordgen.engines.scorers import RandomScorer
-from cordgen.errors import ConfigError
+from cordgen.errors import ConfigError, EngineError
 from tests.helpers import write_problems
 
 A, B = {"model": "org/a"}, {"model": "org/b"}
@@ -36,6 +44,20 @@ def test_a_hybrid_ranks_by_log_s_plus_w_log_p_correct_and_keeps_both_parts():
     assert hybrid.score == pytest.approx(math.exp(math.log(predictive.score) + 2 * math.log(0.9)))
     assert hybrid.components == {"predictive": predictive.score, "verifier": pytest.approx(0.9)}
     assert (hybrid.num_prompt_tokens, hybrid.num_cached_tokens) == (62, 41)
+
+
+def test_prm_rewards_are_a_softmax_at_each_separator_and_a_hybrid_weighs_the_latest(tmp_path):
+    request = RewardRequest([7, 3, 9, 3], separator=3, label=1)
+    assert read_rewards(request, [[0.0, math.log(3)], [2.0, 2.0]], "prm") == pytest.approx((0.75, 0.5))
+    with pytest.raises(EngineError, match=r"prm: 1 rewards for 2 separators \(token 3\); start vllm serve"):
+        read_rewards(request, [[0.0, 1.0]], "prm")
+    with pytest.raises(EngineError, match="correct_label 2, but the head has 2 classes"):
+        read_rewards(RewardRequest([3], 3, label=2), [[0.0, 1.0]], "prm")
+    predictive, reward = AnswerScore((math.log(0.5),), 30, 10), RewardScore(0.8, 40)
+    hybrid = WeightedScore(((1.0, predictive), (2.0, reward)))
+    assert hybrid.score == pytest.approx(0.5 * 0.8**2)
+    assert hybrid.components == {"predictive": 0.5, "prm": 0.8}
+    assert (hybrid.num_prompt_tokens, hybrid.num_cached_tokens) == (70, 10)
 
 
 def test_random_scores_are_seeded_by_question_and_text_never_by_the_batch():
@@ -59,11 +81,23 @@ def test_random_scores_are_seeded_by_question_and_text_never_by_the_batch():
         ({"engine": A, "kind": "hybrid", "verifier": {"engine": B}}, {"org/a": "s", "org/b": "s-verifier"}),
         ({"engine": A, "kind": "verifier", "verifier": {"engine": B}}, {"org/b": "s-verifier"}),
         ({"engine": A, "kind": "random"}, {}),
+        ({"engine": A, "kind": "prm", "prm": {"engine": B}}, {"org/b": "s-prm"}),
+        ({"engine": A, "kind": "hybrid", "prm": {"engine": B}}, {"org/a": "s", "org/b": "s-prm"}),
+        ({"engine": A, "kind": "verifier", "prm": {"engine": B}}, {"org/a": "s"}),
     ],
 )
 def test_each_kind_loads_the_engines_it_reads(scorer, loads):
     config = ScorerConfig(name="s", **scorer)
     assert {engine.model: name for engine, name in config.engines().items()} == loads
+    runners = {model: "pooling" if name.endswith("-prm") else "generate" for model, name in loads.items()}
+    assert {engine.model: engine.runner for engine in config.engines()} == runners
+
+
+def test_a_prm_is_loaded_by_the_pooling_runner_and_kind_prm_needs_one():
+    prm = ScorerConfig(engine=A, kind="prm", prm={"engine": {**A, "runner": "generate"}}).prm
+    assert prm.engine.runner == "pooling" and (prm.separator, prm.correct_label) == ("<extra_0>", 1)
+    with pytest.raises(ValidationError, match=r"kind prm needs scorer.prm \(the reward model's engine\)"):
+        ScorerConfig(engine=A, kind="prm")
 
 
 def recipe(**scorer) -> Recipe:
@@ -81,6 +115,10 @@ def test_the_default_kind_leaves_the_semantic_hash_of_earlier_runs_and_others_ch
         recipe(kind="verifier", verifier={"yes": " Y"}),
         recipe(kind="verifier", verifier={"prompt": "\nStep {step} right?"}),
         recipe(kind="verifier", verifier={"engine": B}),
+        recipe(kind="prm", prm={"engine": B}),
+        recipe(kind="prm", prm={"engine": B, "separator": "<sep>"}),
+        recipe(kind="hybrid", prm={"engine": B}),
+        recipe(kind="hybrid", prm={"engine": B}, prm_weight=2.0),
     ]
     assert len({plain, *(semantic_hash(r) for r in changed)}) == len(changed) + 1
 
@@ -117,11 +155,11 @@ def verifier_recipe(tmp_path, model: str, **verifier) -> str:
 
 
 def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_pieces(tiny_model_dirs, tmp_path):
-    from cordgen.engines.scorers import check_verifier
+    from cordgen.engines.scorers import check_scorer_tokens
 
     alpha = tiny_model_dirs["alpha"]
     fine = ScorerConfig(engine={"model": alpha}, kind="verifier", verifier={"yes": "Y", "no": "N"})
-    check_verifier(fine, Recipe.model_fields["format"].default)
+    check_scorer_tokens(fine, Recipe.model_fields["format"].default)
     recipe_path = verifier_recipe(tmp_path, alpha, yes=" Yes", no="N")
     result = subprocess.run(
         [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
@@ -144,3 +182,40 @@ def test_the_judge_must_exist_before_anything_loads(tmp_path, tiny_model_dirs):
     data = yaml.safe_load(Path(path).read_text())
     with pytest.raises(ConfigError, match="model path does not exist: ./nowhere"):
         check_sources(Recipe.model_validate(data))
+
+
+def prm_recipe(tmp_path, teacher: str, prm: str, separator: str) -> str:
+    path = verifier_recipe(tmp_path, teacher)
+    data = yaml.safe_load(Path(path).read_text())
+    data["scorer"] = {
+        "engine": {"model": teacher},
+        "kind": "prm",
+        "prm": {"engine": {"model": prm}, "separator": separator},
+    }
+    Path(path).write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_prm_separator_of_several_tokens_stops_the_plan_naming_field_and_model(
+    tiny_model_dirs, tiny_prm_dir, tmp_path
+):
+    from cordgen.engines.scorers import check_scorer_tokens
+
+    fmt = Recipe.model_fields["format"].default
+    fine = ScorerConfig(engine={"model": tiny_prm_dir}, kind="prm", prm={"engine": {"model": tiny_prm_dir}})
+    check_scorer_tokens(fine, fmt)
+    with pytest.raises(ConfigError, match=r"^scorer.prm: kind prm needs a reward model"):
+        check_scorer_tokens(fine.model_copy(update={"prm": None}), fmt)
+    recipe_path = prm_recipe(tmp_path, tiny_model_dirs["alpha"], tiny_prm_dir, "<step>")
+    result = subprocess.run(
+        [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: scorer.prm.separator: '<step>' is ")
+    assert f"tokens of {tiny_prm_dir}'s tokenizer" in line
+    assert line.endswith("the separator must be one token")
+    assert not (tmp_path / "run").exists()

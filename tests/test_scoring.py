@@ -150,6 +150,28 @@ def test_another_kind_rescores_a_finished_run_into_its_own_file(synth_run, engin
 
 
 @pytest.mark.engine
+def test_the_prm_kind_rescores_a_finished_run_into_scores_prm_jsonl(
+    synth_run, engine_pool, prm_model, tiny_prm_dir, tmp_path
+):
+    recipe = yaml.safe_load((synth_run / "config.yaml").read_text())
+    recipe["scorer"]["prm"] = {"engine": prm_model.settings.model_dump(mode="json", exclude_none=True)}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    plan = plan_scoring(synth_run, recipe_path=tmp_path / "recipe.yaml", kind="prm")
+    assert plan.output.path == synth_run / "scores.prm.jsonl"
+    assert plan.scorer.prm.engine == prm_model.settings
+    execute_scoring(plan, lambda records, tokens: None, pool=engine_pool)
+    scores = load_scores(plan.output.path)
+    records = {r.id: r for r in RunDirectory(synth_run).records()}
+    assert set(scores) == set(records)
+    for problem_id, score in scores.items():
+        assert score.kind == "prm" and len(score.steps) == len(records[problem_id].result.steps)
+        assert all(0 < s.score < 1 and s.scores == {"prm": s.score} for s in score.steps)
+    named = plan_scoring(synth_run, tmp_path / "other.jsonl", kind="prm", prm_spec=tiny_prm_dir)
+    assert (named.scorer.prm.engine.model, named.scorer.prm.engine.runner) == (tiny_prm_dir, "pooling")
+    assert named.scorer.engines() == {named.scorer.prm.engine: "alpha-scorer-prm"}
+
+
+@pytest.mark.engine
 def test_foreign_traces_score_like_the_same_trace_in_a_run(synth_run, engine_pool, tmp_path):
     records = list(RunDirectory(synth_run).records())
     rows = []

@@ -260,7 +260,8 @@ def test_cli_synth_writes_one_valid_record_per_problem(tiny_model_dirs, inputs, 
 
 class CountingPool:
     """The session's engines, each prompt-logprob call counted per model directory and whether it
-    read the prefix cache (calls without are the placeholder guard's re-reads)."""
+    read the prefix cache (calls without are the placeholder guard's re-reads), and each reward
+    model call as (model directory, "step_rewards")."""
 
     def __init__(self, inner, calls: Counter) -> None:
         self.inner, self.calls = inner, calls
@@ -278,6 +279,10 @@ class CountingPool:
             def span_logprobs(self, requests, read_cache):
                 calls[(settings.model, read_cache)] += 1
                 return inner.span_logprobs(requests, read_cache)
+
+            def step_rewards(self, requests):
+                calls[(settings.model, "step_rewards")] += 1
+                return inner.step_rewards(requests)
 
         return Counted()
 

@@ -298,6 +298,17 @@ class TestFitEnginesToHost:
         assert recipe.teachers[0].engine.kv_cache_memory_bytes is None
         assert fit_recipe_to_host(recipe, cpu_build=False, available=0) == recipe
 
+    def test_a_fitted_recipe_sizes_the_prm_engine_and_keeps_its_pooling_runner(self):
+        teachers = [{"name": "t0", "engine": {"model": "m0"}}]
+        scorer = {"engine": {"model": "m0"}, "kind": "hybrid", "prm": {"engine": {"model": "p"}}}
+        recipe = Recipe.model_validate({"teachers": teachers, "scorer": scorer})
+        fitted = fit_recipe_to_host(recipe, cpu_build=True, available=8 * GiB)
+        prm = fitted.scorer.prm.engine
+        assert (prm.model, prm.runner) == ("p", "pooling")
+        assert (prm.block_size, prm.enable_chunked_prefill) == (32, False)
+        assert prm.kv_cache_memory_bytes == fitted.teachers[0].engine.kv_cache_memory_bytes == GiB
+        assert fitted.scorer.engines() == {fitted.teachers[0].engine: "scorer", prm: "scorer-prm"}
+
 
 class TestWindows:
     def test_the_room_is_what_the_window_leaves(self):

@@ -338,11 +338,14 @@ def score(
     kind: str | None = typer.Option(
         None,
         "--kind",
-        help="Scorer kind: predictive, verifier, hybrid or random (default: the recipe's); "
+        help="Scorer kind: predictive, verifier, prm, hybrid or random (default: the recipe's); "
         "another kind than the recipe's writes scores.KIND.jsonl.",
     ),
     verifier: str | None = typer.Option(
         None, "--verifier", help="The judge for verifier/hybrid: a teacher of the recipe or a model."
+    ),
+    prm: str | None = typer.Option(
+        None, "--prm", help="The process reward model for prm/hybrid: a model id or directory."
     ),
 ) -> None:
     """Per-step scores (the recipe's scorer kind, or --kind) and final-answer correctness
@@ -354,7 +357,7 @@ def score(
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
     chosen = scorer_kind(kind)
     with one_line_errors():
-        plan = plan_scoring(source, out, scorer, config, fields, overwrite, chosen, verifier)
+        plan = plan_scoring(source, out, scorer, config, fields, overwrite, chosen, verifier, prm)
         run_score(plan, batch_size, timeout, quiet, verbose)
 
 

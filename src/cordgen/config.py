@@ -107,6 +107,11 @@ class EngineSettings(EngineDefaults):
     remote: RemoteEndpoint | None = Field(
         None, description="serve this engine from a vLLM server instead", json_schema_extra=THROUGHPUT
     )
+    runner: Literal["generate", "pooling"] = Field(
+        "generate",
+        description="vLLM's runner: pooling for a reward model (scorer.prm sets it)",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
 
     @classmethod
     def for_model(cls, model: str, defaults: EngineDefaults) -> EngineSettings:
@@ -214,14 +219,7 @@ class TeacherConfig(StrictModel):
     sampling: SamplingSettings = SamplingSettings()
 
 
-ScorerKind = Literal["predictive", "verifier", "hybrid", "random"]
-# Kinds and the scores they read: a hybrid reads both and ranks by their weighted log sum.
-KIND_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "predictive": ("predictive",),
-    "verifier": ("verifier",),
-    "hybrid": ("predictive", "verifier"),
-    "random": ("random",),
-}
+ScorerKind = Literal["predictive", "verifier", "prm", "hybrid", "random"]
 VERIFIER_FIELDS = re.compile(r"{(\w*)}")
 
 
@@ -262,10 +260,30 @@ class VerifierSettings(StrictModel):
         return self
 
 
+class PrmSettings(StrictModel):
+    """A process reward model in the Qwen2.5-Math-PRM style, run by vLLM's pooling runner: the
+    question is the user turn, the assistant turn holds the steps, each followed by `separator`,
+    and the model's two-class head at each separator gives p(that step is correct)."""
+
+    engine: EngineSettings = Field(description="the reward model; always loaded with the pooling runner")
+    chat: ChatSettings = Field(ChatSettings(), description="the reward model's chat rendering")
+    separator: str = Field(
+        "<extra_0>", min_length=1, description="follows each step; a single token of the PRM's tokenizer"
+    )
+    correct_label: int = Field(1, ge=0, description="the head's class index that means correct")
+
+    @field_validator("engine")
+    @classmethod
+    def _pooling_runner(cls, engine: EngineSettings) -> EngineSettings:
+        """Its own engine, never shared with a generating role, whatever the recipe wrote."""
+        return engine.model_copy(update={"runner": "pooling"})
+
+
 class ScorerConfig(StrictModel):
     """Scores each candidate trajectory. `predictive` is the paper's meta-prover: how likely the
-    trajectory makes the gold answer; `verifier` a judge's p(the latest step is correct);
-    `hybrid` ranks by log S + verifier_weight * log p(correct); `random` is the ablation."""
+    trajectory makes the gold answer; `verifier` a judge's p(the latest step is correct); `prm`
+    a process reward model's p(correct) at the latest step; `hybrid` ranks by log S + w * log
+    p(correct), from the PRM when `prm` is set, else from the verifier; `random` is the ablation."""
 
     name: str = Field("scorer", pattern=NAME_PATTERN)
     engine: EngineSettings
@@ -273,14 +291,25 @@ class ScorerConfig(StrictModel):
     answer_suffix: str = "</think> The final answer is "
     kind: ScorerKind = Field(
         "predictive",
-        description="predictive | verifier | hybrid | random",
+        description="predictive | verifier | prm | hybrid | random",
         json_schema_extra=HASHED_UNLESS_DEFAULT,
     )
     verifier: VerifierSettings = Field(VerifierSettings(), json_schema_extra=HASHED_UNLESS_DEFAULT)
     verifier_weight: float = Field(
         1.0,
         ge=0,
-        description="hybrid: w in log S + w * log p(correct)",
+        description="hybrid with the verifier: w in log S + w * log p(correct)",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
+    prm: PrmSettings | None = Field(
+        None,
+        description="the process reward model of kind prm, and of hybrid when set",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
+    prm_weight: float = Field(
+        1.0,
+        ge=0,
+        description="hybrid with the PRM: w in log S + w * log p(correct)",
         json_schema_extra=HASHED_UNLESS_DEFAULT,
     )
     reuse_prefix_cache: bool = Field(True, json_schema_extra=THROUGHPUT)
@@ -291,10 +320,24 @@ class ScorerConfig(StrictModel):
         json_schema_extra=THROUGHPUT,
     )
 
+    @model_validator(mode="after")
+    def _prm_named(self) -> ScorerConfig:
+        """A reward model has no default: kind prm must name one."""
+        if self.kind == "prm" and self.prm is None:
+            raise ValueError("kind prm needs scorer.prm (the reward model's engine)")
+        return self
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """The scores this kind reads: a hybrid reads two and ranks by their weighted log sum."""
+        if self.kind == "hybrid":
+            return ("predictive", "verifier" if self.prm is None else "prm")
+        return (self.kind,)
+
     @property
     def judge(self) -> tuple[EngineSettings, ChatSettings] | None:
         """The verifier's engine and chat settings, for the kinds that read one."""
-        if "verifier" not in KIND_COMPONENTS[self.kind]:
+        if "verifier" not in self.components:
             return None
         if self.verifier.engine is None:
             return self.engine, self.chat
@@ -303,11 +346,13 @@ class ScorerConfig(StrictModel):
     def engines(self) -> dict[EngineSettings, str]:
         """The engines this scorer reads, each with the role name it loads under."""
         engines: dict[EngineSettings, str] = {}
-        if "predictive" in KIND_COMPONENTS[self.kind]:
+        if "predictive" in self.components:
             engines[self.engine] = self.name
         if self.judge is not None:
             judge = self.judge[0]
             engines.setdefault(judge, self.name if judge == self.engine else f"{self.name}-verifier")
+        if "prm" in self.components and self.prm is not None:
+            engines.setdefault(self.prm.engine, f"{self.name}-prm")
         return engines
 
 
@@ -446,6 +491,8 @@ def check_role_sources(role: TeacherConfig | ScorerConfig) -> None:
     check_engine_sources(role.name, role.engine, role.chat)
     if isinstance(role, ScorerConfig) and role.judge is not None:
         check_engine_sources(f"{role.name}.verifier", *role.judge)
+    if isinstance(role, ScorerConfig) and "prm" in role.components and role.prm is not None:
+        check_engine_sources(f"{role.name}.prm", role.prm.engine, role.prm.chat)
 
 
 def check_sources(recipe: Recipe) -> None:

@@ -70,10 +70,17 @@ class ChatPrompt:
         self.generation_prompt = lru_cache(maxsize=65536)(self._generation_prompt)
 
     def _generation_prompt(self, question: str) -> str:
-        messages = [{"role": "user", "content": question}]
+        return self._render([{"role": "user", "content": question}], add_generation_prompt=True)
+
+    def conversation_text(self, question: str, reply: str) -> str:
+        """The whole exchange with the assistant's reply closed, as a reward model reads it."""
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        return self._render(messages, add_generation_prompt=False)
+
+    def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
         return self.tokenizer.apply_chat_template(messages, **kwargs)

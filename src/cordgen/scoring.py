@@ -15,11 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cordgen.config import ScorerConfig, ScorerKind, StepFormat, check_role_sources, load_recipe, pick_scorer
+from cordgen.config import (
+    EngineDefaults,
+    EngineSettings,
+    PrmSettings,
+    Recipe,
+    ScorerConfig,
+    ScorerKind,
+    StepFormat,
+    check_role_sources,
+    load_recipe,
+    pick_scorer,
+)
 from cordgen.engines import Scorer, ScoreRequest
 from cordgen.engines import StepScore as Scored
 from cordgen.engines.placement import fit_scorer_to_host
-from cordgen.engines.scorers import check_verifier
+from cordgen.engines.scorers import check_scorer_tokens
 from cordgen.errors import CordgenError
 from cordgen.grading import grade_answers
 from cordgen.problems import problem_rows
@@ -176,9 +187,11 @@ def plan_scoring(
     overwrite: bool = False,
     kind: ScorerKind | None = None,
     verifier_spec: str | None = None,
+    prm_spec: str | None = None,
 ) -> ScoringPlan:
     """`kind` re-reads a finished run (or a foreign JSONL) with another scorer kind, into its own
-    file unless `out` names one; `verifier_spec` names the judge (a teacher or a model)."""
+    file unless `out` names one; `verifier_spec` names the judge (a teacher or a model),
+    `prm_spec` the process reward model (a model)."""
     if source.is_dir():
         run_dir = RunDirectory(source)
         if not run_dir.results_path.exists():
@@ -205,8 +218,10 @@ def plan_scoring(
         judge = pick_scorer(recipe, verifier_spec, teachers)
         verifier = scorer.verifier.model_copy(update={"engine": judge.engine, "chat": judge.chat})
         scorer = scorer.model_copy(update={"verifier": verifier})
+    if prm_spec is not None:
+        scorer = scorer.model_copy(update={"prm": prm_named(recipe, scorer, prm_spec)})
     check_role_sources(scorer)
-    check_verifier(scorer, fmt)
+    check_scorer_tokens(scorer, fmt)
     scorer = fit_scorer_to_host(scorer)
     output = JsonlLog(out or default_out)
     if overwrite:
@@ -222,6 +237,14 @@ def plan_scoring(
     todo = tuple(t for t in traces if t.id not in earlier)
     seed = recipe.seed if recipe else 0
     return ScoringPlan(source, scorer, fmt, traces, todo, output, synthesis_seconds, seed)
+
+
+def prm_named(recipe: Recipe | None, scorer: ScorerConfig, model: str) -> PrmSettings:
+    """The scorer's PRM settings (else the defaults) with `model` as the reward model, loaded with
+    the recipe's engine defaults."""
+    defaults = recipe.engine_defaults if recipe else EngineDefaults()
+    settings = scorer.prm.model_dump() if scorer.prm else {}
+    return PrmSettings.model_validate({**settings, "engine": EngineSettings.for_model(model, defaults)})
 
 
 def run_scoring(

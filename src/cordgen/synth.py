@@ -30,7 +30,7 @@ from cordgen.engines import (
     Teacher,
 )
 from cordgen.engines.placement import check_cluster, check_placement, visible_device_count
-from cordgen.engines.scorers import check_verifier
+from cordgen.engines.scorers import check_scorer_tokens
 from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
@@ -524,7 +524,7 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     check_placement(recipe, visible_device_count)
     loaded = load_problems(recipe.input.path, **recipe.input.model_dump(exclude={"path"}))
     notes = tuple(window_notes(recipe, loaded.problems))
-    check_verifier(recipe.scorer, recipe.format)
+    check_scorer_tokens(recipe.scorer, recipe.format)
     if loaded.unanswered:
         notes += (describe_unanswered(loaded.unanswered, recipe.input.answer_from),)
     chosen = tuple(p for p in loaded.problems if shard is None or shard.holds(p))

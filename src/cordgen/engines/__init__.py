@@ -4,8 +4,9 @@ actors across a cluster, behind a `vllm serve` URL).
 A teacher proposes next steps and writes final answers (`StepCandidate`, `FinalAnswer`, types
 the controller owns in `cordgen.search`); a scorer reads how likely a trajectory makes the gold
 answer. Every call takes a whole batch: the controller never loops around them.
-Below the roles, an `EngineModel` does two things, seeded sampling and prompt logprobs over a
-span, on prompts given as token ids that the roles build with the model's own tokenizer.
+Below the roles, an `EngineModel` does seeded sampling and prompt logprobs over a span (a
+generating engine), or reads a reward head at step separators (a pooling engine), on prompts
+given as token ids that the roles build with the model's own tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cordgen.errors import EngineError
 from cordgen.search import FinalAnswer, StepCandidate
 
 SeedKey = tuple[str | int, ...]
@@ -135,10 +137,29 @@ class RandomScore:
 
 
 @dataclass(frozen=True)
+class RewardScore:
+    """A process reward model's p(correct) at the separator after the trajectory's latest step.
+    Its engine reads the whole prompt each time (vLLM's token-wise pooling skips prefix-cache
+    reads), so none of it counts as cached."""
+
+    p_correct: float
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0
+
+    @property
+    def score(self) -> float:
+        return self.p_correct
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"prm": self.p_correct}
+
+
+@dataclass(frozen=True)
 class WeightedScore:
     """Several kinds on a common log scale: log score = sum of weight * log(part's score)."""
 
-    parts: tuple[tuple[float, AnswerScore | VerdictScore], ...]
+    parts: tuple[tuple[float, AnswerScore | VerdictScore | RewardScore], ...]
 
     @property
     def score(self) -> float:
@@ -201,6 +222,20 @@ class SpanRequest:
 
 
 @dataclass(frozen=True)
+class RewardRequest:
+    """A trajectory rendered for a process reward model: its head is read at every `separator`
+    token of `prompt`, and `label` is the class that means correct."""
+
+    prompt: list[int]
+    separator: int
+    label: int = 1
+    route: str = ""
+
+
+StepRewards = tuple[float, ...]  # p(correct) at each separator of a RewardRequest's prompt
+
+
+@dataclass(frozen=True)
 class Sample:
     text: str  # without the stop string
     num_tokens: int  # tokens decoded, the stop string's included
@@ -240,6 +275,28 @@ def read_span(
     return SpanLogprobs(tuple(logprobs), cached)
 
 
+def read_rewards(request: RewardRequest, rows: Sequence[Sequence[float]], engine: str) -> StepRewards:
+    """p(label) by a softmax over each separator's class logits. One row per separator token,
+    or the engine read its head elsewhere: a server started without our separator as its
+    pooler's step_tag_id (vLLM defaults to Qwen's `<extra_0>`, 151651)."""
+    expected = request.prompt.count(request.separator)
+    if len(rows) != expected:
+        raise EngineError(
+            f"{engine}: {len(rows)} rewards for {expected} separators (token {request.separator}); "
+            f"start vllm serve with --pooler-config '{{\"step_tag_id\": {request.separator}}}'"
+        )
+    rewards = []
+    for logits in rows:
+        if not 0 <= request.label < len(logits):
+            raise EngineError(
+                f"{engine}: correct_label {request.label}, but the head has {len(logits)} classes"
+            )
+        high = max(logits)
+        total = math.fsum(math.exp(value - high) for value in logits)
+        rewards.append(math.exp(logits[request.label] - high) / total)
+    return tuple(rewards)
+
+
 class EngineModel(Protocol):
     """One loaded model, wherever it runs; roles that name equal settings share it."""
 
@@ -250,6 +307,10 @@ class EngineModel(Protocol):
     def sample(self, requests: Sequence[SampleRequest]) -> list[Sample]: ...
 
     def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]: ...
+
+    def step_rewards(self, requests: Sequence[RewardRequest]) -> list[StepRewards]:
+        """A pooling engine's p(correct) at each separator, per request; one batch."""
+        ...
 
     def reset_prefix_cache(self) -> None: ...
 

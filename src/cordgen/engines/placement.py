@@ -164,11 +164,14 @@ def fit_recipe_to_host(recipe: Recipe, cpu_build: bool | None = None, available:
 
 
 def fitted_scorer(scorer: ScorerConfig, fitted: dict[EngineSettings, EngineSettings]) -> ScorerConfig:
-    """The scorer with its engine and its judge's, where it has one of its own, as fitted."""
+    """The scorer with its engine, its judge's and its PRM's, where it has them, as fitted."""
     update: dict[str, Any] = {"engine": fitted.get(scorer.engine, scorer.engine)}
     if scorer.verifier.engine is not None:
         judge = fitted.get(scorer.verifier.engine, scorer.verifier.engine)
         update["verifier"] = scorer.verifier.model_copy(update={"engine": judge})
+    if scorer.prm is not None:
+        prm = fitted.get(scorer.prm.engine, scorer.prm.engine)
+        update["prm"] = scorer.prm.model_copy(update={"engine": prm})
     return scorer.model_copy(update=update)
 
 

@@ -43,7 +43,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cordgen.config import EngineSettings, PlacementConfig
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest
+from cordgen.engines import RewardRequest, Sample, SampleRequest, SpanLogprobs, SpanRequest, StepRewards
 from cordgen.engines.routing import split_by_replica
 from cordgen.engines.startup import start_failure
 from cordgen.engines.tokenizers import load_tokenizer
@@ -171,6 +171,9 @@ class EngineActor:
     def span_logprobs(self, requests: list[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
         return self.model.span_logprobs(requests, read_cache)
 
+    def step_rewards(self, requests: list[RewardRequest]) -> list[StepRewards]:
+        return self.model.step_rewards(requests)
+
     def reset_prefix_cache(self) -> None:
         self.model.reset_prefix_cache()
 
@@ -254,6 +257,9 @@ class ReplicaSet:
 
     def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
         return self._fan_out(requests, lambda actor, batch: actor.span_logprobs.remote(batch, read_cache))
+
+    def step_rewards(self, requests: Sequence[RewardRequest]) -> list[StepRewards]:
+        return self._fan_out(requests, lambda actor, batch: actor.step_rewards.remote(batch))
 
     def _fan_out(self, requests: Sequence[Any], submit: Callable[[Any, list[Any]], Any]) -> list[Any]:
         """ONE call per replica that holds any of the requests, all in flight at once; a call a

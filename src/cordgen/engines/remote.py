@@ -19,7 +19,16 @@ from typing import Any
 import httpx
 
 from cordgen.config import EngineSettings, RemoteEndpoint
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest, read_span
+from cordgen.engines import (
+    RewardRequest,
+    Sample,
+    SampleRequest,
+    SpanLogprobs,
+    SpanRequest,
+    StepRewards,
+    read_rewards,
+    read_span,
+)
 from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
 
@@ -173,6 +182,17 @@ class RemoteModel:
             for r in requests
         ]
         return [read_remote_span(body, r.start, r.prompt) for body, r in zip(self._map(payloads), requests)]
+
+    def step_rewards(self, requests: Sequence[RewardRequest]) -> list[StepRewards]:
+        """vLLM serve's `/pooling`, token ids in, one row of class logits per separator out. The
+        server's pooler config decides where it reads (`step_tag_id`); `read_rewards` checks that
+        it read at our separators."""
+        payloads = [
+            {"model": self.served_model, "input": r.prompt, "task": "token_classify", "use_activation": False}
+            for r in requests
+        ]
+        bodies = list(self._requests.map(lambda p: self._post("/pooling", p), payloads))
+        return [read_rewards(r, body["data"][0]["data"], self.name) for body, r in zip(bodies, requests)]
 
     def reset_prefix_cache(self) -> None:
         """Needs a server started with VLLM_SERVER_DEV_MODE=1 (benchmarks only)."""

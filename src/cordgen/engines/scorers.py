@@ -1,11 +1,12 @@
-"""Step scorers on any EngineModel: the paper's predictive score, a generative verifier, their
-hybrid and the random ablation.
+"""Step scorers on any EngineModel: the paper's predictive score, a generative verifier, a
+process reward model, a hybrid of the predictive score with either, and the random ablation.
 
-The engine-backed kinds are all read from prompt logprobs: each kind turns a trajectory into
-span requests (the predictive kind: the gold answer after the trajectory; the verifier: each
-verdict token after the trajectory and its question), and one `span_logprobs` call per scorer
-engine per batch reads every kind that engine serves, so a hybrid whose judge is the scorer's own
-model still costs one call, and shares its prefixes.
+Each engine-backed kind turns a trajectory into engine requests (the predictive kind: the gold
+answer after the trajectory; the verifier: each verdict token after the trajectory and its
+question; the PRM: the trajectory with a separator after each step) and reads its value from
+the answers. One pass per scorer engine per batch serves every kind that engine reads: one
+`span_logprobs` call (chunked) for a generating engine, so a hybrid whose judge is the scorer's
+own model still costs one call and shares its prefixes, and one `step_rewards` call for a PRM.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from cordgen.config import KIND_COMPONENTS, ScorerConfig, StepFormat
+from cordgen.config import ScorerConfig, StepFormat
 from cordgen.engines import (
     AnswerScore,
     EngineModel,
     RandomScore,
+    RewardRequest,
+    RewardScore,
     ScoreRequest,
     SpanLogprobs,
     SpanRequest,
+    StepRewards,
     StepScore,
     VerdictScore,
     WeightedScore,
@@ -33,20 +37,22 @@ from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
 from cordgen.prompts import ChatPrompt
 
+EngineRequest = SpanRequest | RewardRequest
+EngineAnswer = SpanLogprobs | StepRewards
 
-class SpanReading(Protocol):
-    """One kind read from prompt logprobs: its requests for a trajectory, and its value from them."""
+
+class Reading(Protocol):
+    """One kind read from one engine: its requests for a trajectory, and its value from the
+    engine's answers to them."""
 
     kind: str
     model: EngineModel
 
-    def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
-        """None when a prompt does not fit the window (vLLM needs room for one decoded token)."""
+    def spans(self, request: ScoreRequest) -> tuple[EngineRequest, ...] | None:
+        """None when a prompt does not fit the window."""
         ...
 
-    def read(
-        self, spans: Sequence[SpanLogprobs], prompts: Sequence[SpanRequest], rescored: bool
-    ) -> StepScore: ...
+    def read(self, spans: Sequence[Any], prompts: Sequence[Any], rescored: bool) -> StepScore: ...
 
 
 def fits(model: EngineModel, ids: list[int]) -> bool:
@@ -88,8 +94,27 @@ def verdict_token(chat: ChatPrompt, verdict: str, field: str, model: str) -> int
     return ids[0]
 
 
-def check_verifier(scorer: ScorerConfig, fmt: StepFormat) -> None:
-    """Plan time, before any engine loads: each verdict is one token of the judge's tokenizer."""
+def separator_token(chat: ChatPrompt, separator: str, model: str) -> int:
+    ids = chat.encode(separator)
+    if len(ids) != 1:
+        pieces = [chat.tokenizer.decode([i]) for i in ids]
+        raise ConfigError(
+            f"scorer.prm.separator: {separator!r} is {len(ids)} tokens of {model}'s tokenizer "
+            f"({', '.join(map(repr, pieces))}); the separator must be one token"
+        )
+    return ids[0]
+
+
+def check_scorer_tokens(scorer: ScorerConfig, fmt: StepFormat) -> None:
+    """Plan time, before any engine loads: each verdict is one token of the judge's tokenizer,
+    and the PRM's separator one token of its own."""
+    if scorer.kind == "prm" and scorer.prm is None:
+        raise ConfigError("scorer.prm: kind prm needs a reward model (scorer.prm.engine, or --prm)")
+    if "prm" in scorer.components and scorer.prm is not None:
+        prm = scorer.prm
+        separator_token(
+            ChatPrompt(load_tokenizer(prm.engine), prm.chat, fmt), prm.separator, prm.engine.model
+        )
     if scorer.judge is None:
         return
     engine, chat = scorer.judge
@@ -131,34 +156,69 @@ class VerdictReading:
         return VerdictScore(yes, no, sum(len(p.prompt) for p in prompts), cached, rescored)
 
 
+class RewardReading:
+    """p(correct) from a process reward model at the latest step's separator: the question as
+    the user turn and, as the assistant's, each step's text (stripped) followed by the separator,
+    as Qwen2.5-Math-PRM is prompted. The rewards at the earlier separators are the earlier
+    steps', which their own rounds recorded."""
+
+    kind = "prm"
+
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
+        assert config.prm is not None
+        self.settings, self.model = config.prm, model
+        self.chat = ChatPrompt(model.tokenizer, config.prm.chat, fmt)
+        self.separator = separator_token(self.chat, config.prm.separator, model.settings.model)
+
+    def prompt_ids(self, question: str, steps: Sequence[str]) -> list[int]:
+        reply = "".join(step.strip() + self.settings.separator for step in steps)
+        return self.chat.encode(self.chat.conversation_text(question, reply))
+
+    def spans(self, request: ScoreRequest) -> tuple[RewardRequest, ...] | None:
+        ids = self.prompt_ids(request.question, request.steps)
+        if len(ids) > self.model.max_model_len:
+            return None
+        return (RewardRequest(ids, self.separator, self.settings.correct_label, request.route),)
+
+    def read(
+        self, spans: Sequence[StepRewards], prompts: Sequence[RewardRequest], rescored: bool
+    ) -> RewardScore:
+        (rewards,), (prompt,) = spans, prompts
+        return RewardScore(rewards[-1], len(prompt.prompt))
+
+
 def chunked(items: Sequence[int], size: int) -> Iterator[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 SpanKey = tuple[int, int, int]  # (request, reading, span of that reading)
-Read = tuple[SpanLogprobs, bool]  # the logprobs, and whether they were read without cache reads
+Read = tuple[EngineAnswer, bool]  # the answer, and whether it was read again without cache reads
 
 
 @dataclass(frozen=True)
 class Weighted:
-    reading: SpanReading
+    reading: Reading
     weight: float
 
 
-class LogprobScorer:
-    """Scores a batch with every reading it holds: per engine ONE pass of prompt-logprob calls
-    (chunked to bound memory) with prefix-cache reads, then the few requests whose cached prefix
-    reached into a read span again without them. Engines run side by side."""
+class EngineScorer:
+    """Scores a batch with every reading it holds, all engines side by side. Per generating
+    engine ONE pass of prompt-logprob calls (chunked to bound memory) with prefix-cache reads,
+    then the few requests whose cached prefix reached into a read span again without them; per
+    PRM engine ONE `step_rewards` call (a row per separator: nothing to bound)."""
 
     def __init__(self, config: ScorerConfig, readings: Sequence[Weighted]) -> None:
         self.name = config.name
         self.config = config
         self.readings = readings
         self.engines = list({id(r.reading.model): r.reading.model for r in readings}.values())
+        self.reward_engines = {id(r.reading.model) for r in readings if isinstance(r.reading, RewardReading)}
 
-    def _engine_pass(self, model: EngineModel, spans: dict[SpanKey, SpanRequest]) -> dict[SpanKey, Read]:
-        """(logprobs, read again without cache reads) for every span one engine serves."""
+    def _engine_pass(self, model: EngineModel, spans: dict[SpanKey, Any]) -> dict[SpanKey, Read]:
+        """(answer, read again without cache reads) for every request one engine serves."""
+        if id(model) in self.reward_engines:
+            return {k: (r, False) for k, r in zip(spans, model.step_rewards(list(spans.values())))}
         reuse = self.config.reuse_prefix_cache
         found = {k: (r, False) for k, r in self._run(model, spans, list(spans), reuse).items()}
         untrusted = [k for k, (r, _) in found.items() if r.logprobs is None]
@@ -176,12 +236,12 @@ class LogprobScorer:
         return results
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScore | None]:
-        prepared: dict[int, list[tuple[SpanRequest, ...]]] = {}
+        prepared: dict[int, list[tuple[EngineRequest, ...]]] = {}
         for i, request in enumerate(requests):
             spans = [r.reading.spans(request) for r in self.readings]
             if all(s is not None for s in spans):
                 prepared[i] = spans  # type: ignore[assignment]
-        by_engine: dict[int, dict[SpanKey, SpanRequest]] = {id(m): {} for m in self.engines}
+        by_engine: dict[int, dict[SpanKey, Any]] = {id(m): {} for m in self.engines}
         for i, spans in prepared.items():
             for j, (weighted, kind_spans) in enumerate(zip(self.readings, spans)):
                 for k, span in enumerate(kind_spans):
@@ -190,14 +250,14 @@ class LogprobScorer:
         with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="cordgen-scorer") as pool:
             for found in pool.map(lambda m: self._engine_pass(m, by_engine[id(m)]), self.engines):
                 results.update(found)
-        if any(r.logprobs is None for r, _ in results.values()):
+        if any(isinstance(r, SpanLogprobs) and r.logprobs is None for r, _ in results.values()):
             raise EngineError(f"scorer {self.name}: the engine returned incomplete prompt logprobs")
         return [
             self._combine(i, prepared[i], results) if i in prepared else None for i in range(len(requests))
         ]
 
     def _combine(
-        self, i: int, spans: list[tuple[SpanRequest, ...]], results: dict[SpanKey, Read]
+        self, i: int, spans: list[tuple[EngineRequest, ...]], results: dict[SpanKey, Read]
     ) -> StepScore:
         parts = []
         for j, (weighted, kind_spans) in enumerate(zip(self.readings, spans)):
@@ -223,15 +283,19 @@ class RandomScorer:
 
 def build_scorer(
     config: ScorerConfig, fmt: StepFormat, pool: EnginePool, seed: int = 0
-) -> LogprobScorer | RandomScorer:
+) -> EngineScorer | RandomScorer:
     """The scorer a recipe names, its engines loaded (none for `random`)."""
     if config.kind == "random":
         return RandomScorer(config.name, seed)
     pool.load(config.engines())
+    hybrid = config.kind == "hybrid"
     readings = []
-    if "predictive" in KIND_COMPONENTS[config.kind]:
+    if "predictive" in config.components:
         readings.append(Weighted(PredictiveReading(config, pool.model(config.engine), fmt), 1.0))
     if config.judge is not None:
-        weight = config.verifier_weight if config.kind == "hybrid" else 1.0
+        weight = config.verifier_weight if hybrid else 1.0
         readings.append(Weighted(VerdictReading(config, pool.model(config.judge[0]), fmt), weight))
-    return LogprobScorer(config, readings)
+    if "prm" in config.components and config.prm is not None:
+        weight = config.prm_weight if hybrid else 1.0
+        readings.append(Weighted(RewardReading(config, pool.model(config.prm.engine), fmt), weight))
+    return EngineScorer(config, readings)

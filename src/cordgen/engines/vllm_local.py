@@ -9,12 +9,21 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vllm import LLM, SamplingParams
+from vllm import LLM, PoolingParams, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from cordgen.config import EngineSettings, resolve_model_source
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest, read_span
+from cordgen.engines import (
+    RewardRequest,
+    Sample,
+    SampleRequest,
+    SpanLogprobs,
+    SpanRequest,
+    StepRewards,
+    read_rewards,
+    read_span,
+)
 
 
 def vllm_engine_kwargs(settings: EngineSettings) -> dict[str, Any]:
@@ -100,6 +109,18 @@ class VllmModel:
         )
         outputs = self._generate([r.prompt for r in requests], [params] * len(requests))
         return [read_output_span(output, r.start, r.prompt) for output, r in zip(outputs, requests)]
+
+    def step_rewards(self, requests: Sequence[RewardRequest]) -> list[StepRewards]:
+        """The reward head's logits at each separator (vLLM's STEP pooling, its step_tag_id set
+        per request), without vLLM's activation: `read_rewards` takes the softmax."""
+        if not requests:
+            return []
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt) for r in requests]
+        params = [PoolingParams(step_tag_id=r.separator, use_activation=False) for r in requests]
+        with self._lock:
+            outputs = self.llm.encode(prompts, params, pooling_task="token_classify", use_tqdm=False)
+        name = f"engine {self.settings.model}"
+        return [read_rewards(r, o.outputs.data.tolist(), name) for r, o in zip(requests, outputs)]
 
     def reset_prefix_cache(self) -> None:
         with self._lock:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cordgen.config import EngineSettings
-from cordgen.engines import Sample, SampleRequest, SpanLogprobs, SpanRequest
+from cordgen.engines import RewardRequest, Sample, SampleRequest, SpanLogprobs, SpanRequest, StepRewards
 from cordgen.engines.startup import start_failure
 from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import EngineError
@@ -186,6 +186,9 @@ class WorkerModel:
 
     def span_logprobs(self, requests: Sequence[SpanRequest], read_cache: bool) -> list[SpanLogprobs]:
         return self._call("span_logprobs", list(requests), read_cache) if requests else []
+
+    def step_rewards(self, requests: Sequence[RewardRequest]) -> list[StepRewards]:
+        return self._call("step_rewards", list(requests)) if requests else []
 
     def reset_prefix_cache(self) -> None:
         self._call("reset_prefix_cache")
