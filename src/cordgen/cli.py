@@ -181,7 +181,7 @@ def synth(
 def run_synth(plan, quiet: bool, verbose: bool) -> None:
     from rich.console import Console
 
-    from cordgen.progress import RecordTally, RichProgress
+    from cordgen.progress import RecordTally, RichProgress, phase_table
     from cordgen.synth import GracefulStop, Interrupted, NoObserver, execute
 
     console = Console(stderr=True, quiet=quiet)
@@ -205,6 +205,9 @@ def run_synth(plan, quiet: bool, verbose: bool) -> None:
         typer.echo(f"interrupted; re-run {again} to resume ({plan.run_dir.path})", err=True)
         raise typer.Exit(INTERRUPTED) from None
     console.print(tally.table())
+    phases = phase_table(tally.records, plan.recipe.search.adaptive.phases)
+    if phases is not None:
+        console.print(phases)
     console.print(f"results: {plan.run_dir.results_path}")
 
 

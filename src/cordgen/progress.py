@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cordgen.compat import TeacherSummary
 from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.schedule import by_phase, phase_labels
 from cordgen.scoring import Trace, percentile
 from cordgen.synth import RoundReport
 
@@ -137,6 +138,28 @@ class RecordTally:
             f"scorer tokens {scored:,} ({computed:,} computed) · {time.perf_counter() - self.started:.1f} s"
         )
         return table
+
+
+def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table | None:
+    """Per teacher and phase of the trace (step indexes): proposals asked, kept (survived the
+    round's selection), the keep rate and the tokens they cost; None where nothing was proposed
+    step by step (curation, records made before proposals were counted)."""
+    cells = by_phase((r.usage for r in records), phases)
+    if not cells:
+        return None
+    labels = phase_labels(phases)
+    table = Table(title="proposals by phase (steps): kept / asked, keep rate, tokens", show_header=True)
+    table.add_column("teacher")
+    used = sorted({phase for _, phase in cells})
+    for phase in used:
+        table.add_column(f"steps {labels[phase]}", justify="right")
+    for teacher in sorted({t for t, _ in cells}):
+        row = [teacher]
+        for phase in used:
+            c = cells.get((teacher, phase))
+            row.append(f"{c.kept}/{c.asked} {c.kept / c.asked:.0%} {c.tokens:,}" if c and c.asked else "-")
+        table.add_row(*row)
+    return table
 
 
 def score_summary(

@@ -1,0 +1,141 @@
+"""Adaptive teacher scheduling: which teachers propose a step on which beam, and what was kept.
+
+The statistic. For teacher t at phase f (a bucket of step indexes, `search.adaptive.phases`),
+p(t, f) is the chance that a proposal of t at f is kept: that the step it proposed survives the
+round's selection (credited to every teacher that proposed the identical step, since each of
+their proposals was as good). Its posterior is Beta(a0 + kept, b0 + asked - kept), where kept and
+asked are THIS problem's own counts so far (its `Usage.proposals`) and the prior is
+a0 = 1 + s * r, b0 = 1 + s * (1 - r): r is a warm start's keep rate of t at f (kept / asked over a
+finished run's records), s is `prior_strength`; without a warm start, or without its data for
+(t, f), a0 = b0 = 1.
+
+The choice. On each live beam each teacher draws theta_t from its posterior (Thompson sampling)
+and u_t uniformly, from a generator seeded by (run seed, "schedule", problem, round, beam,
+teacher). t is asked where theta_t >= relative_threshold * max(theta) or u_t < floor, so every
+teacher is asked with probability at least `floor` and the teacher with the best draw always;
+then, while fewer than `min_teachers` are asked, the unasked one with the best draw.
+
+Why per problem and not pooled across the run's problems: a decision then depends only on the
+seed, the problem and what its own beams kept, so a resumed, re-batched, pipelined or sharded run
+makes exactly the decisions of an uninterrupted one. Learning across problems comes from the warm
+start, a finished run fixed before this one starts (its content enters the run's config hash).
+Nothing here imports an engine or does I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cordgen.config import AdaptiveSettings, Schedule
+from cordgen.records import ProposalCounts, Usage
+from cordgen.search import ProblemSearch
+from cordgen.seeds import derive_seed
+
+PhaseCounts = dict[tuple[str, int], ProposalCounts]  # (teacher, phase) -> counts
+Prior = dict[tuple[str, int], tuple[float, float]]  # (teacher, phase) -> (a0, b0)
+
+
+def phase_of(step: int, edges: Sequence[int]) -> int:
+    """The phase of a step index: edges (1, 2, 4) make steps 1 | 2 | 3-4 | 5+ phases 0..3."""
+    return bisect.bisect_left(edges, step)
+
+
+def phase_labels(edges: Sequence[int]) -> list[str]:
+    """Each phase's steps as text, e.g. ["1", "2", "3-4", "5+"]."""
+    labels, first = [], 1
+    for last in edges:
+        labels.append(str(first) if first == last else f"{first}-{last}")
+        first = last + 1
+    return [*labels, f"{first}+"]
+
+
+def by_phase(usages: Iterable[Usage], edges: Sequence[int]) -> PhaseCounts:
+    """Sums per-step counts of many problems into (teacher, phase) cells."""
+    cells: PhaseCounts = {}
+    for usage in usages:
+        for teacher, steps in usage.proposals.items():
+            for step, counts in steps.items():
+                cell = cells.setdefault((teacher, phase_of(int(step), edges)), ProposalCounts())
+                cell.asked += counts.asked
+                cell.kept += counts.kept
+                cell.tokens += counts.tokens
+    return cells
+
+
+def prior_from(warm_start: PhaseCounts, strength: float) -> Prior:
+    """Beta pseudo-counts worth `strength` proposals at the warm start's keep rate, per cell."""
+    return {
+        cell: (1 + strength * counts.kept / counts.asked, 1 + strength * (1 - counts.kept / counts.asked))
+        for cell, counts in warm_start.items()
+        if counts.asked > 0
+    }
+
+
+def posterior(prior: Prior, own: PhaseCounts, teacher: str, phase: int) -> tuple[float, float]:
+    a0, b0 = prior.get((teacher, phase), (1.0, 1.0))
+    counts = own.get((teacher, phase), ProposalCounts())
+    return a0 + counts.kept, b0 + max(0, counts.asked - counts.kept)
+
+
+@dataclass(frozen=True)
+class Draw:
+    theta: float  # a sampled keep rate
+    explore: float  # uniform in [0, 1): asked regardless where below the floor
+
+
+def draw(seed: int, key: Sequence[str | int], alpha: float, beta: float) -> Draw:
+    rng = random.Random(derive_seed(seed, "schedule", *key))
+    return Draw(rng.betavariate(alpha, beta), rng.random())
+
+
+def choose(draws: Mapping[str, Draw], settings: AdaptiveSettings) -> tuple[str, ...]:
+    """The teachers to ask on one beam, in the order of `draws` (the recipe's)."""
+    best = max(d.theta for d in draws.values())
+    asked = {
+        t
+        for t, d in draws.items()
+        if d.theta >= settings.relative_threshold * best or d.explore < settings.floor
+    }
+    by_draw = sorted(draws, key=lambda t: -draws[t].theta)
+    for t in by_draw:
+        if len(asked) >= settings.min_teachers:
+            break
+        asked.add(t)
+    return tuple(t for t in draws if t in asked)
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """The schedule of one run: `all` asks every teacher everywhere, as the paper does."""
+
+    teachers: tuple[str, ...]
+    seed: int
+    mode: Schedule = "all"
+    settings: AdaptiveSettings = field(default_factory=AdaptiveSettings)
+    prior: Prior = field(default_factory=dict)
+
+    def teachers_for(
+        self, problem: str, round_index: int, beam: int, step: int, usage: Usage
+    ) -> tuple[str, ...]:
+        """Who proposes the `step`-th step of the problem's `beam`-th frontier beam this round."""
+        if self.mode == "all" or len(self.teachers) == 1:
+            return self.teachers
+        phase = phase_of(step, self.settings.phases)
+        own = by_phase([usage], self.settings.phases)
+        draws = {
+            t: draw(self.seed, (problem, round_index, beam, t), *posterior(self.prior, own, t, phase))
+            for t in self.teachers
+        }
+        return choose(draws, self.settings)
+
+
+def record_kept(usage: Usage, search: ProblemSearch, round_index: int) -> None:
+    """Credits every teacher of each step chosen this round (the last step of a surviving or a
+    newly finished beam) with one kept proposal at that step's index."""
+    for beam in (*search.frontier, *search.finished):
+        if beam.steps and beam.steps[-1].round == round_index:
+            for teacher in beam.steps[-1].teachers:
+                usage.at(teacher, len(beam.steps)).kept += 1
