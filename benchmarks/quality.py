@@ -2,13 +2,17 @@
 
     make quality                                   # 200 shipped problems, seed 0
     python benchmarks/quality.py --problems 50 --seeds 0,1,2
+    python benchmarks/quality.py --config RECIPE --pilot OTHER_PROBLEMS.jsonl --variants cord,adaptive
 
 Every variant runs on the same problems with the same engines, loaded once, so the figures sit
 side by side. Every step of the demo task is checkable, so besides final-answer accuracy the
 benchmark reports step validity (share of kept steps whose arithmetic is right) and sound traces
 (every step right and following the question), and it reads the scorer's own choices: of the
 (correct, wrong) candidate pairs proposed from the same partial trace, the share it ranks right,
-by step position. Results go to benchmarks/results/quality.{json,md}.
+by step position. The adaptive schedule's row is warm-started from a pilot `cord` run (every
+teacher on every beam) over other problems: generated held-out demo problems for the demo recipe,
+`--pilot FILE` for any other. Per teacher and phase of the trace, every step-wise variant reports
+proposals asked, kept and their tokens. Results go to benchmarks/results/quality.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -34,6 +39,9 @@ from cordgen.config import Recipe, load_recipe  # noqa: E402
 from cordgen.engines import Scorer, ScoreRequest, StepScore  # noqa: E402
 from cordgen.problems import Problem, load_problems  # noqa: E402
 from cordgen.records import TraceRecord  # noqa: E402
+from cordgen.schedule import by_phase, phase_labels  # noqa: E402
+
+PILOT_SEED = 19  # the generator's seed for the pilot's demo problems (the shipped ones: 2026)
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,12 @@ class Variant:
     scorer: str = "scorer"  # the recipe's scorer, "scorer-final" (its ablation) or "random" (the kind)
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
+    schedule: str = "all"  # adaptive: warm-started from the pilot run
 
 
 VARIANTS = (
     Variant("cord", "main"),
+    Variant("adaptive", "main", schedule="adaptive"),
     Variant("single teacher-a", "main", "single", ("teacher-a",)),
     Variant("single teacher-b", "main", "single", ("teacher-b",)),
     Variant("single teacher-c", "main", "single", ("teacher-c",)),
@@ -84,8 +94,14 @@ class RecordingScorer:
         return scores
 
 
-def variant_recipe(base: Recipe, variant: Variant, seed: int, final_scorer: str) -> Recipe:
+def variant_recipe(
+    base: Recipe, variant: Variant, seed: int, final_scorer: str, warm_start: Path | None = None
+) -> Recipe:
     data = base.model_dump()
+    if variant.schedule == "adaptive":
+        data["search"]["schedule"] = "adaptive"
+        if warm_start is not None:
+            data["search"]["adaptive"]["warm_start"] = str(warm_start)
     if variant.teachers:
         data["teachers"] = [t for t in data["teachers"] if t["name"] in variant.teachers]
     if variant.scorer == "scorer-final":
@@ -140,9 +156,21 @@ def ranking_accuracy(seen: Sequence[ScoredCandidate], problems: dict[str, task.P
     return {key: {"pairs": pairs[key], "accuracy": round(wins[key] / pairs[key], 4)} for key in sorted(pairs)}
 
 
-def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], seconds: float) -> dict:
+def proposals_by_phase(records: Sequence[TraceRecord], phases: Sequence[int]) -> dict:
+    """{teacher: {phase: {asked, kept, tokens}}} summed over the records."""
+    labels = phase_labels(phases)
+    table: dict = defaultdict(dict)
+    for (teacher, phase), c in sorted(by_phase((r.usage for r in records), phases).items()):
+        table[teacher][labels[phase]] = {"asked": c.asked, "kept": c.kept, "tokens": c.tokens}
+    return dict(table)
+
+
+def measure(
+    records: Sequence[TraceRecord], problems: dict[str, task.Problem], seconds: float, phases: Sequence[int]
+) -> dict:
     correct = hard = hard_correct = sound = valid = steps = 0
     kept: Counter = Counter()
+    by_teacher: Counter = Counter()
     generated = scored = computed = 0
     for record in records:
         problem = problems[record.question]
@@ -159,6 +187,7 @@ def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], s
             hard_correct += right
         kept.update(s.teacher for s in record.result.steps)
         generated += sum(record.usage.generated_tokens.values())
+        by_teacher.update(record.usage.generated_tokens)
         scored += record.usage.scored_tokens
         computed += record.usage.scored_tokens_computed
     n = len(records)
@@ -174,6 +203,8 @@ def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], s
         "scorer_tokens_computed_per_problem": round(computed / n, 1),
         "wall_s": round(seconds, 2),
         "kept_step_share": {t: round(c / max(1, sum(kept.values())), 4) for t, c in sorted(kept.items())},
+        "generated_tokens_by_teacher": {t: round(c / n, 1) for t, c in sorted(by_teacher.items())},
+        "proposals": proposals_by_phase(records, phases),
     }
 
 
@@ -188,7 +219,7 @@ def run_variant(
     records: list[TraceRecord] = []
     started = time.perf_counter()
     synthesize(problems, teachers, recorder, recipe, records.extend)
-    result = measure(records, demo, time.perf_counter() - started)
+    result = measure(records, demo, time.perf_counter() - started, recipe.search.adaptive.phases)
     if variant.strategy != "curate" and variant.scorer != "random":
         result["step_ranking"] = ranking_accuracy(recorder.seen, demo)
     return result
@@ -208,6 +239,11 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
     summary["kept_step_share"] = {
         t: round(statistics.fmean(r["kept_step_share"].get(t, 0.0) for r in runs), 4) for t in teachers
     }
+    summary["generated_tokens_by_teacher"] = {
+        t: round(statistics.fmean(r["generated_tokens_by_teacher"].get(t, 0.0) for r in runs), 1)
+        for t in sorted({t for r in runs for t in r["generated_tokens_by_teacher"]})
+    }
+    summary["proposals"] = summed_proposals(runs)
     if "step_ranking" in runs[0]:
         ranking = {}
         for key in sorted({k for r in runs for k in r["step_ranking"]}):
@@ -217,6 +253,16 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
             ranking[key] = {"pairs": pairs, "accuracy": round(wins / pairs, 4)}
         summary["step_ranking"] = ranking
     return summary
+
+
+def summed_proposals(runs: Sequence[dict]) -> dict:
+    """The seeds' proposal counts added up, so keep rates weigh every proposal alike."""
+    total: dict = defaultdict(lambda: defaultdict(Counter))
+    for r in runs:
+        for teacher, phases in r["proposals"].items():
+            for phase, counts in phases.items():
+                total[teacher][phase].update(counts)
+    return {t: {p: dict(c) for p, c in phases.items()} for t, phases in total.items()}
 
 
 def percent(value: float | None) -> str:
@@ -254,7 +300,58 @@ def markdown(report: dict) -> str:
             cells = [ranking.get(k) for k in ("1", "2", "3", "4", "5", "middle", "last")]
             text = [f"{percent(c['accuracy'])} ({c['pairs']})" if c else "-" for c in cells]
             lines.append(f"| {row['scorer']} | " + " | ".join(text) + " |")
+    lines += schedule_tables(report)
     return "\n".join(lines) + "\n"
+
+
+def schedule_tables(report: dict) -> list[str]:
+    """Teacher tokens per problem under each schedule, and per teacher and phase the share of
+    kept steps and the keep rate (kept / asked): the paper's who-wins-when figure."""
+    variants = report["variants"]
+    lines: list[str] = []
+    if report["pilot"]:
+        pilot = report["pilot"]
+        lines += [
+            "",
+            f"The adaptive rows' warm start: cord (seed 0) on {pilot['problems']} other problems, "
+            f"{pilot['generated_tokens_per_problem']:.0f} teacher tokens each, {pilot['wall_s']:.0f} s.",
+        ]
+    if "cord" in variants and "adaptive" in variants:
+        every = variants["cord"]["mean"]["generated_tokens_by_teacher"]
+        adaptive = variants["adaptive"]["mean"]["generated_tokens_by_teacher"]
+        lines += [
+            "",
+            "Teacher tokens generated per problem, every teacher on every beam (cord) and adaptive:",
+            "",
+        ]
+        lines += ["| teacher | cord | adaptive | saved |", "|---|---|---|---|"]
+        for teacher in sorted(every):
+            before, after = every[teacher], adaptive.get(teacher, 0.0)
+            lines.append(f"| {teacher} | {before:.0f} | {after:.0f} | {percent(1 - after / before)} |")
+        total, spent = sum(every.values()), sum(adaptive.values())
+        lines.append(f"| all | {total:.0f} | {spent:.0f} | {percent(1 - spent / total)} |")
+    shown = [name for name in ("cord", "adaptive") if variants.get(name, {}).get("mean", {}).get("proposals")]
+    for name in shown:
+        proposals = variants[name]["mean"]["proposals"]
+        phases = sorted(
+            {p for t in proposals.values() for p in t}, key=lambda p: int(p.split("-")[0].rstrip("+"))
+        )
+        kept = {p: sum(proposals[t].get(p, {}).get("kept", 0) for t in proposals) for p in phases}
+        lines += ["", f"{name}: share of kept steps per phase (keep rate = kept / asked):", ""]
+        lines += [
+            "| teacher | " + " | ".join(f"steps {p}" for p in phases) + " |",
+            "|" + "---|" * (len(phases) + 1),
+        ]
+        for teacher in sorted(proposals):
+            cells = []
+            for p in phases:
+                c = proposals[teacher].get(p)
+                share = c["kept"] / kept[p] if c and kept[p] else 0.0
+                cells.append(
+                    f"{percent(share)} ({percent(c['kept'] / c['asked'])})" if c and c["asked"] else "-"
+                )
+            lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -265,8 +362,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS)
     )
+    parser.add_argument(
+        "--pilot",
+        type=Path,
+        help="problems for the adaptive rows' warm start; default (demo recipe): generated",
+    )
+    parser.add_argument("--pilot-problems", type=int, default=50, help="problems in the pilot run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
+
+
+def pilot_problems(args: argparse.Namespace, base: Recipe, taken: Sequence[Problem]) -> list[Problem]:
+    """Problems none of the benchmark's: the --pilot file's, or held-out demo problems the shipped
+    set does not hold (drawn with another seed) for the demo recipe."""
+    questions = {p.question for p in taken}
+    if args.pilot is not None:
+        chosen = [p for p in load_problems(args.pilot).problems if p.question not in questions]
+        return chosen[: args.pilot_problems]
+    if Path(base.input.path).resolve() != (ROOT / "benchmarks/demo_models/problems.jsonl").resolve():
+        sys.exit("give --pilot PROBLEMS (other problems of the same kind) for the adaptive rows' warm start")
+    drawn = task.sample_problems(args.pilot_problems + len(questions), PILOT_SEED, "heldout")
+    fresh = [p for p in drawn if p.question not in questions][: args.pilot_problems]
+    return [Problem(f"pilot-{i:04d}", p.question, str(p.gold)) for i, p in enumerate(fresh)]
+
+
+def run_pilot(base: Recipe, pool, problems: Sequence[Problem], final_scorer: str, path: Path) -> dict:
+    """Every teacher on every beam (seed 0) over the pilot problems; its records are the warm start."""
+    from cordgen.engines.roles import build_roles
+    from cordgen.synth import synthesize
+
+    recipe = variant_recipe(base, VARIANTS[0], 0, final_scorer)
+    teachers, scorer = build_roles(recipe, pool)
+    records: list[TraceRecord] = []
+    started = time.perf_counter()
+    synthesize(problems, teachers, scorer, recipe, records.extend)
+    path.write_bytes(b"".join(r.to_json_line() for r in records))
+    generated = sum(sum(r.usage.generated_tokens.values()) for r in records)
+    return {
+        "problems": len(records),
+        "generated_tokens_per_problem": round(generated / len(records), 1),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -283,6 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
+    adaptive = any(v.schedule == "adaptive" for v in chosen)
+    pilot = pilot_problems(args, base, problems) if adaptive else []
+    scratch = tempfile.TemporaryDirectory(prefix="quality-pilot-")
+    warm_start = Path(scratch.name) / "pilot.jsonl"
+    pilot_report = None
     pool = EnginePool(base.placement)
     try:
         started = time.perf_counter()
@@ -292,11 +433,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 pool.model(role.engine)
         load_s = time.perf_counter() - started
         console.print(f"{len(pool)} engines loaded in {load_s:.0f} s")
+        if pilot:
+            pilot_report = run_pilot(base, pool, pilot, final_scorer, warm_start)
+            console.print(f"pilot (warm start): {json.dumps(pilot_report)}")
         variants = {}
         for variant in chosen:
             runs = []
             for seed in seeds:
-                recipe = variant_recipe(base, variant, seed, final_scorer)
+                recipe = variant_recipe(base, variant, seed, final_scorer, warm_start)
                 runs.append(run_variant(variant, recipe, pool, problems, demo))
                 console.print(f"{variant.name} (seed {seed}): {json.dumps(runs[-1])}")
             variants[variant.name] = {
@@ -309,11 +453,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
     finally:
         pool.shutdown()
+        scratch.cleanup()
     report = {
         "config": shown_path(args.config),
         "problems": len(problems),
         "seeds": seeds,
         "engine_load_s": round(load_s, 1),
+        "pilot": pilot_report,
         "variants": variants,
     }
     write_report(args.out, "quality", report, markdown(report))

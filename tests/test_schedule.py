@@ -133,16 +133,15 @@ def test_all_asks_every_teacher():
     assert Scheduler(TEACHERS, 0).teachers_for("p", 1, 0, 1, Usage()) == TEACHERS
 
 
-def test_every_proposer_of_a_step_chosen_this_round_is_credited_once():
-    chosen = Step(" x\n", ("b", "a"), 3, FinishReason.STEP, 2, 0.5)
+def test_the_author_of_each_step_chosen_this_round_is_credited_once():
+    chosen = Step(" x\n", ("a", "b"), 3, FinishReason.STEP, 2, 0.5)
     old = Step(" y\n", ("c",), 3, FinishReason.STEP, 1, 0.5)
     done = Step(" z\n", ("c",), 3, FinishReason.END_OF_THINKING, 2, 0.4)
     search = ProblemSearch(frontier=(Beam((old, chosen)), Beam((old,))), finished=(Beam((old, done)),))
     usage = Usage()
     record_kept(usage, search, 2)
     assert {t: {s: c.kept for s, c in steps.items()} for t, steps in usage.proposals.items()} == {
-        "b": {"2": 1},
-        "a": {"2": 1},
+        "a": {"2": 1},  # b's identical proposal added nothing to a's
         "c": {"2": 1},
     }
 
@@ -315,3 +314,20 @@ def test_a_warm_start_without_proposal_counts_is_one_line(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match=r"^search.adaptive.warm_start: no records at"):
         warm_start_usages(tmp_path / "missing")
+
+
+def test_the_run_summary_totals_proposals_per_teacher_and_phase(tmp_path):
+    from rich.console import Console
+
+    from cordgen.progress import phase_table
+
+    records = run(stand_in_recipe(tmp_path), PROBLEMS)
+    console = Console(width=200, record=True)
+    console.print(phase_table(records, (1, 2)))
+    text = console.export_text()
+    asked_a = sum(r.usage.proposals["a"]["1"].asked for r in records)
+    kept_a = sum(r.usage.proposals["a"]["1"].kept for r in records)
+    tokens_a = sum(r.usage.proposals["a"]["1"].tokens for r in records)
+    assert "steps 1" in text and "steps 2" in text and "steps 3+" in text
+    assert f"{kept_a}/{asked_a} {kept_a / asked_a:.0%} {tokens_a:,}" in text
+    assert phase_table([r.model_copy(update={"usage": Usage()}) for r in records], (1, 2)) is None

@@ -2,9 +2,13 @@
 
 The statistic. For teacher t at phase f (a bucket of step indexes, `search.adaptive.phases`),
 p(t, f) is the chance that a proposal of t at f is kept: that the step it proposed survives the
-round's selection (credited to every teacher that proposed the identical step, since each of
-their proposals was as good). Its posterior is Beta(a0 + kept, b0 + asked - kept), where kept and
-asked are THIS problem's own counts so far (its `Usage.proposals`) and the prior is
+round's selection, with t as its author. A step several asked teachers proposed identically is
+credited to the first of them in the recipe's order (the author the records name), so a teacher
+later in the order is credited with what it adds to those before it: the statistic measures a
+teacher's marginal worth, not only its accuracy, and two teachers that always agree do not both
+look indispensable. Put the teacher you trust most first. Its posterior is
+Beta(a0 + kept, b0 + asked - kept), where kept and asked are THIS problem's own counts so far
+(its `Usage.proposals`) and the prior is
 a0 = 1 + s * r, b0 = 1 + s * (1 - r): r is a warm start's keep rate of t at f (kept / asked over a
 finished run's records), s is `prior_strength`; without a warm start, or without its data for
 (t, f), a0 = b0 = 1.
@@ -133,9 +137,8 @@ class Scheduler:
 
 
 def record_kept(usage: Usage, search: ProblemSearch, round_index: int) -> None:
-    """Credits every teacher of each step chosen this round (the last step of a surviving or a
+    """Credits the author of each step chosen this round (the last step of a surviving or a
     newly finished beam) with one kept proposal at that step's index."""
     for beam in (*search.frontier, *search.finished):
         if beam.steps and beam.steps[-1].round == round_index:
-            for teacher in beam.steps[-1].teachers:
-                usage.at(teacher, len(beam.steps)).kept += 1
+            usage.at(beam.steps[-1].teacher, len(beam.steps)).kept += 1
