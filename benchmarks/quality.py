@@ -157,11 +157,11 @@ def ranking_accuracy(seen: Sequence[ScoredCandidate], problems: dict[str, task.P
 
 
 def proposals_by_phase(records: Sequence[TraceRecord], phases: Sequence[int]) -> dict:
-    """{teacher: {phase: {asked, kept, tokens}}} summed over the records."""
+    """{teacher: {phase: {asked, kept, won, tokens}}} summed over the records."""
     labels = phase_labels(phases)
     table: dict = defaultdict(dict)
     for (teacher, phase), c in sorted(by_phase((r.usage for r in records), phases).items()):
-        table[teacher][labels[phase]] = {"asked": c.asked, "kept": c.kept, "tokens": c.tokens}
+        table[teacher][labels[phase]] = {"asked": c.asked, "kept": c.kept, "won": c.won, "tokens": c.tokens}
     return dict(table)
 
 
@@ -305,8 +305,9 @@ def markdown(report: dict) -> str:
 
 
 def schedule_tables(report: dict) -> list[str]:
-    """Teacher tokens per problem under each schedule, and per teacher and phase the share of
-    kept steps and the keep rate (kept / asked): the paper's who-wins-when figure."""
+    """Teacher tokens per problem under each schedule, and per teacher and phase the share of the
+    result traces' steps it wrote (the paper's who-wins-when figure), with its win rate (those
+    steps / proposals asked) and its keep rate (steps that survived their round / asked)."""
     variants = report["variants"]
     lines: list[str] = []
     if report["pilot"]:
@@ -336,8 +337,8 @@ def schedule_tables(report: dict) -> list[str]:
         phases = sorted(
             {p for t in proposals.values() for p in t}, key=lambda p: int(p.split("-")[0].rstrip("+"))
         )
-        kept = {p: sum(proposals[t].get(p, {}).get("kept", 0) for t in proposals) for p in phases}
-        lines += ["", f"{name}: share of kept steps per phase (keep rate = kept / asked):", ""]
+        won = {p: sum(proposals[t].get(p, {}).get("won", 0) for t in proposals) for p in phases}
+        lines += ["", f"{name}: share of the result traces' steps per phase (win rate, keep rate):", ""]
         lines += [
             "| teacher | " + " | ".join(f"steps {p}" for p in phases) + " |",
             "|" + "---|" * (len(phases) + 1),
@@ -346,10 +347,12 @@ def schedule_tables(report: dict) -> list[str]:
             cells = []
             for p in phases:
                 c = proposals[teacher].get(p)
-                share = c["kept"] / kept[p] if c and kept[p] else 0.0
-                cells.append(
-                    f"{percent(share)} ({percent(c['kept'] / c['asked'])})" if c and c["asked"] else "-"
-                )
+                if not c or not c["asked"]:
+                    cells.append("-")
+                    continue
+                share = c["won"] / won[p] if won[p] else 0.0
+                rates = f"{percent(c['won'] / c['asked'])}, {percent(c['kept'] / c['asked'])}"
+                cells.append(f"{percent(share)} ({rates})")
             lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
     return lines
 

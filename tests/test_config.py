@@ -88,8 +88,8 @@ def test_missing_recipe(tmp_path):
     ("search", "expected"),
     [
         (
-            "{schedule: adaptive, adaptive: {min_teachers: 3}}",
-            "search.adaptive.min_teachers: 3 is more than the 2",
+            "{adaptive: {min_teachers: 0}}",
+            "search.adaptive.min_teachers: Input should be greater than or equal to 1",
         ),
         ("{schedule: adaptive, strategy: curate}", "search.schedule: adaptive schedules step proposals"),
         ("{schedule: some}", "search.schedule: Input should be 'all' or 'adaptive'"),

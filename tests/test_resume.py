@@ -284,7 +284,12 @@ def test_an_adaptive_schedule_decides_alike_whole_resumed_and_sharded(
     data = recipe_data(tiny_model_dirs, max_steps=3)
     data["search"] |= {
         "schedule": "adaptive",
-        "adaptive": {"warm_start": str(tmp_path / "pilot"), "relative_threshold": 1.0, "floor": 0.3},
+        "adaptive": {
+            "warm_start": str(tmp_path / "pilot"),
+            "relative_threshold": 1.0,
+            "floor": 0.3,
+            "min_teachers": 1,
+        },
     }
     rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in unseen_inputs(6)]
     (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))

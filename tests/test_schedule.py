@@ -24,6 +24,7 @@ from cordgen.schedule import (
     posterior,
     prior_from,
     record_kept,
+    record_won,
 )
 from cordgen.search import Beam, FinalAnswer, FinishReason, ProblemSearch, Step, StepCandidate
 from cordgen.store import warm_start_usages
@@ -56,15 +57,26 @@ def test_counts_sum_per_teacher_and_phase_over_problems():
     assert ("b", 0) not in cells
 
 
-def test_the_warm_start_is_a_prior_worth_prior_strength_proposals_at_its_keep_rate():
-    warm = {("a", 0): ProposalCounts(asked=400, kept=300), ("c", 0): ProposalCounts(asked=400, kept=40)}
-    prior = prior_from(warm, strength=20)
-    assert prior[("a", 0)] == pytest.approx((16.0, 6.0))
-    assert prior[("c", 0)] == pytest.approx((3.0, 19.0))
-    own = {("a", 0): ProposalCounts(asked=4, kept=1)}
-    assert posterior(prior, own, "a", 0) == pytest.approx((17.0, 9.0))
-    assert posterior(prior, own, "b", 0) == (1.0, 1.0)  # no data at all: uniform
+def test_the_warm_start_is_a_prior_worth_prior_strength_proposals_at_its_win_rate():
+    warm = {
+        ("a", 0): ProposalCounts(asked=400, kept=300, won=100),
+        ("c", 0): ProposalCounts(asked=400, kept=40, won=20),
+    }
+    prior = prior_from(warm, strength=20)  # credit final: wins are steps of result traces
+    assert prior[("a", 0)] == pytest.approx((6.0, 16.0))
+    assert prior[("c", 0)] == pytest.approx((2.0, 20.0))
+    rounds = prior_from(warm, strength=20, credit="round")  # wins are steps a round kept
+    assert rounds[("a", 0)] == pytest.approx((16.0, 6.0))
+    assert rounds[("c", 0)] == pytest.approx((3.0, 19.0))
     assert prior_from(warm, strength=0)[("a", 0)] == (1.0, 1.0)
+
+
+def test_a_problem_own_counts_update_the_prior_only_where_its_wins_are_known():
+    prior = {("a", 0): (16.0, 6.0)}
+    own = {("a", 0): ProposalCounts(asked=4, kept=1, won=0)}
+    assert posterior(prior, own, "a", 0, credit="round") == pytest.approx((17.0, 9.0))
+    assert posterior(prior, own, "a", 0, credit="final") == (16.0, 6.0)  # known when it ends
+    assert posterior(prior, own, "b", 0, credit="round") == (1.0, 1.0)  # no data at all: uniform
 
 
 def test_choose_asks_the_best_draw_those_near_it_and_explorers_below_the_floor():
@@ -77,6 +89,11 @@ def test_choose_asks_the_best_draw_those_near_it_and_explorers_below_the_floor()
     assert choose(in_recipe_order, settings) == ("c", "a")
 
 
+def test_min_teachers_is_every_teacher_where_there_are_fewer():
+    settings = AdaptiveSettings(relative_threshold=1.0, floor=0.0, min_teachers=3)
+    assert choose({"a": Draw(0.2, 0.5), "b": Draw(0.1, 0.5)}, settings) == ("a", "b")
+
+
 def test_min_teachers_adds_the_next_best_draws():
     settings = AdaptiveSettings(relative_threshold=1.0, floor=0.0, min_teachers=2)
     draws = {"a": Draw(0.2, 0.5), "b": Draw(0.1, 0.5), "c": Draw(0.7, 0.5)}
@@ -85,8 +102,8 @@ def test_min_teachers_adds_the_next_best_draws():
 
 def hopeless_c(floor: float) -> Scheduler:
     """A prior in which c is almost never kept and a almost always."""
-    warm = {("a", 0): ProposalCounts(asked=1000, kept=990), ("b", 0): ProposalCounts(asked=1000, kept=500)}
-    warm[("c", 0)] = ProposalCounts(asked=1000, kept=1)
+    warm = {("a", 0): ProposalCounts(asked=1000, won=990), ("b", 0): ProposalCounts(asked=1000, won=500)}
+    warm[("c", 0)] = ProposalCounts(asked=1000, won=1)
     settings = AdaptiveSettings(phases=(64,), floor=floor, prior_strength=1000)
     return Scheduler(TEACHERS, 3, "adaptive", settings, prior_from(warm, 1000))
 
@@ -118,7 +135,8 @@ def test_decisions_depend_on_the_key_and_the_problem_own_counts_alone():
 
 
 def test_a_problem_asks_a_teacher_less_after_its_own_beams_dropped_its_steps():
-    scheduler = Scheduler(TEACHERS, 0, "adaptive", AdaptiveSettings(phases=(64,), floor=0.05))
+    settings = AdaptiveSettings(phases=(64,), floor=0.05, credit="round")
+    scheduler = Scheduler(TEACHERS, 0, "adaptive", settings)
     dropped = usage_with(c_1=(8, 0, 80), c_2=(8, 0, 80), a_1=(8, 6, 80), a_2=(8, 6, 80))
     kept = usage_with(c_1=(8, 6, 80), c_2=(8, 6, 80), a_1=(8, 6, 80), a_2=(8, 6, 80))
 
@@ -131,6 +149,16 @@ def test_a_problem_asks_a_teacher_less_after_its_own_beams_dropped_its_steps():
 
 def test_all_asks_every_teacher():
     assert Scheduler(TEACHERS, 0).teachers_for("p", 1, 0, 1, Usage()) == TEACHERS
+
+
+def test_the_author_of_each_step_of_the_result_wins_once():
+    steps = (Step(" x\n", ("b", "a"), 3, FinishReason.STEP, 1), Step(" y\n", ("a",), 3, FinishReason.EOS, 2))
+    usage = Usage()
+    record_won(usage, Beam(steps))
+    assert {t: {s: c.won for s, c in cells.items()} for t, cells in usage.proposals.items()} == {
+        "b": {"1": 1},
+        "a": {"2": 1},
+    }
 
 
 def test_the_author_of_each_step_chosen_this_round_is_credited_once():
@@ -252,7 +280,8 @@ def test_usage_counts_asked_kept_and_tokens_per_teacher_and_step(tmp_path):
             assert proposed + answered == usage.generated_tokens[teacher]
         assert usage.proposals["a"]["1"].asked == 1  # one beam in round 1
         kept = sum(c.kept for steps in usage.proposals.values() for c in steps.values())
-        assert kept >= len(record.result.steps)
+        won = sum(c.won for steps in usage.proposals.values() for c in steps.values())
+        assert kept >= won == len(record.result.steps)
     assert sum(calls[(t, "beams")] for t in TEACHERS) == sum(
         c.asked for r in records for steps in r.usage.proposals.values() for c in steps.values()
     )
@@ -262,7 +291,7 @@ def test_adaptive_asks_fewer_teachers_with_one_call_per_asked_teacher_a_round(tm
     everyone: Counter = Counter()
     run(stand_in_recipe(tmp_path), PROBLEMS, everyone)
     calls: Counter = Counter()
-    records = run(adaptive(tmp_path, warm_start, floor=0.0), PROBLEMS, calls)
+    records = run(adaptive(tmp_path, warm_start, floor=0.0, min_teachers=1), PROBLEMS, calls)
     rounds = max(r.usage.rounds for r in records)
     assert calls[("a", "propose")] == rounds
     assert all(calls[(t, "propose")] <= rounds for t in TEACHERS)
@@ -273,7 +302,7 @@ def test_adaptive_asks_fewer_teachers_with_one_call_per_asked_teacher_a_round(tm
 def test_a_teacher_asked_on_no_beam_gets_no_call(tmp_path, warm_start):
     """In the pilot every proposal of step 1 was kept (one beam, three candidates, B = 3) and
     after it only a's: asking the best draw alone, b and c may write step 1, never a later one."""
-    settings = {"floor": 0.0, "relative_threshold": 1.0, "prior_strength": 1000}
+    settings = {"floor": 0.0, "relative_threshold": 1.0, "prior_strength": 1000, "min_teachers": 1}
     calls: Counter = Counter()
     records = run(adaptive(tmp_path, warm_start, **settings), PROBLEMS, calls)
     rounds = max(r.usage.rounds for r in records)
@@ -327,7 +356,8 @@ def test_the_run_summary_totals_proposals_per_teacher_and_phase(tmp_path):
     text = console.export_text()
     asked_a = sum(r.usage.proposals["a"]["1"].asked for r in records)
     kept_a = sum(r.usage.proposals["a"]["1"].kept for r in records)
+    won_a = sum(r.usage.proposals["a"]["1"].won for r in records)
     tokens_a = sum(r.usage.proposals["a"]["1"].tokens for r in records)
     assert "steps 1" in text and "steps 2" in text and "steps 3+" in text
-    assert f"{kept_a}/{asked_a} {kept_a / asked_a:.0%} {tokens_a:,}" in text
+    assert f"{won_a}/{kept_a}/{asked_a} {tokens_a:,}" in text
     assert phase_table([r.model_copy(update={"usage": Usage()}) for r in records], (1, 2)) is None

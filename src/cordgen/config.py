@@ -318,6 +318,7 @@ Strategy = Literal["cord", "single", "curate"]
 
 
 Schedule = Literal["all", "adaptive"]
+Credit = Literal["final", "round"]
 
 
 class AdaptiveSettings(StrictModel):
@@ -329,6 +330,11 @@ class AdaptiveSettings(StrictModel):
         min_length=1,
         description="the last step index of each phase but the open-ended last one: 1, 2, 3-4, 5-8, ...",
     )
+    credit: Credit = Field(
+        "final",
+        description="what counts as a teacher's win: final, a step of a result trace (the warm start's "
+        "records tell); round, a step that survived its round's selection (also this problem's own so far)",
+    )
     relative_threshold: float = Field(
         0.5,
         ge=0,
@@ -338,7 +344,12 @@ class AdaptiveSettings(StrictModel):
     floor: float = Field(
         0.1, ge=0, le=1, description="each teacher is asked at least this often on each beam"
     )
-    min_teachers: int = Field(1, ge=1, description="teachers asked on each beam, at the least")
+    min_teachers: int = Field(
+        2,
+        ge=1,
+        description="teachers asked on each beam, at the least (every one, where there are fewer): "
+        "two keep a choice between candidates on every beam",
+    )
     prior_strength: float = Field(
         20.0, ge=0, description="proposals the warm start's keep rate at each phase counts as"
     )
@@ -464,10 +475,6 @@ class Recipe(StrictModel):
             raise ValueError(f"strategy 'single' needs exactly one teacher, got {len(self.teachers)}")
         if self.search.schedule == "adaptive" and self.search.strategy == "curate":
             raise ValueError("search.schedule: adaptive schedules step proposals; strategy 'curate' has none")
-        wanted = self.search.adaptive.min_teachers
-        if self.search.schedule == "adaptive" and wanted > len(self.teachers):
-            count = len(self.teachers)
-            raise ValueError(f"search.adaptive.min_teachers: {wanted} is more than the {count} teachers")
         return self
 
 

@@ -141,14 +141,14 @@ class RecordTally:
 
 
 def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table | None:
-    """Per teacher and phase of the trace (step indexes): proposals asked, kept (survived the
-    round's selection), the keep rate and the tokens they cost; None where nothing was proposed
-    step by step (curation, records made before proposals were counted)."""
+    """Per teacher and phase of the trace (step indexes): proposals won (steps of result traces),
+    kept (survived their round's selection) and asked, and the tokens they cost; None where
+    nothing was proposed step by step (curation, records made before proposals were counted)."""
     cells = by_phase((r.usage for r in records), phases)
     if not cells:
         return None
     labels = phase_labels(phases)
-    table = Table(title="proposals by phase (steps): kept / asked, keep rate, tokens", show_header=True)
+    table = Table(title="proposals by phase (steps): won / kept / asked, tokens", show_header=True)
     table.add_column("teacher")
     used = sorted({phase for _, phase in cells})
     for phase in used:
@@ -157,7 +157,7 @@ def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table 
         row = [teacher]
         for phase in used:
             c = cells.get((teacher, phase))
-            row.append(f"{c.kept}/{c.asked} {c.kept / c.asked:.0%} {c.tokens:,}" if c and c.asked else "-")
+            row.append(f"{c.won}/{c.kept}/{c.asked} {c.tokens:,}" if c and c.asked else "-")
         table.add_row(*row)
     return table
 

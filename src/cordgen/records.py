@@ -57,6 +57,7 @@ class ProposalCounts(RecordModel):
 
     asked: int = 0  # proposals requested (samples: n per beam the teacher was asked on)
     kept: int = 0  # distinct proposed steps that survived the round's selection
+    won: int = 0  # of those, steps of the problem's result trace
     tokens: int = 0  # tokens generated for those proposals
 
 

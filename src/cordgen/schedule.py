@@ -1,26 +1,35 @@
-"""Adaptive teacher scheduling: which teachers propose a step on which beam, and what was kept.
+"""Adaptive teacher scheduling: which teachers propose a step on which beam, and what they won.
 
 The statistic. For teacher t at phase f (a bucket of step indexes, `search.adaptive.phases`),
-p(t, f) is the chance that a proposal of t at f is kept: that the step it proposed survives the
-round's selection, with t as its author. A step several asked teachers proposed identically is
-credited to the first of them in the recipe's order (the author the records name), so a teacher
-later in the order is credited with what it adds to those before it: the statistic measures a
-teacher's marginal worth, not only its accuracy, and two teachers that always agree do not both
-look indispensable. Put the teacher you trust most first. Its posterior is
-Beta(a0 + kept, b0 + asked - kept), where kept and asked are THIS problem's own counts so far
-(its `Usage.proposals`) and the prior is
-a0 = 1 + s * r, b0 = 1 + s * (1 - r): r is a warm start's keep rate of t at f (kept / asked over a
+p(t, f) is the chance that a proposal of t at f wins. With `credit: final` (the default) a win
+is a step of the problem's result trace; with `credit: round`, a step that survived its round's
+selection. A step several asked teachers proposed identically is credited to the first of them in
+the recipe's order (the author the records name), so a teacher later in the order is credited
+with what it adds to those before it: the statistic measures a teacher's marginal worth, and two
+teachers that always agree do not both look indispensable. Put the teacher you trust most first.
+
+Its posterior is Beta(a0 + won, b0 + asked - won). The prior is a0 = 1 + s * r,
+b0 = 1 + s * (1 - r): r is a warm start's win rate of t at f (wins / proposals asked, over a
 finished run's records), s is `prior_strength`; without a warm start, or without its data for
-(t, f), a0 = b0 = 1.
+(t, f), a0 = b0 = 1. Under `credit: round`, won and asked are THIS problem's own counts so far
+(its `Usage.proposals`); under `credit: final` a problem's wins are known only when it ends, so
+the warm start alone decides.
+
+Why final by default: a predictive scorer tells steps apart mostly at the end of a trace (the demo's
+ranks the middle steps near chance and every last step right), so which proposals survive a
+middle round says little about whose steps make right traces; which steps the finished traces
+are made of says it. With a step scorer that is informative at every step (a verifier), the
+round's selection is the faster signal, and it lets each problem adapt to itself.
 
 The choice. On each live beam each teacher draws theta_t from its posterior (Thompson sampling)
 and u_t uniformly, from a generator seeded by (run seed, "schedule", problem, round, beam,
 teacher). t is asked where theta_t >= relative_threshold * max(theta) or u_t < floor, so every
 teacher is asked with probability at least `floor` and the teacher with the best draw always;
-then, while fewer than `min_teachers` are asked, the unasked one with the best draw.
+then, while fewer than `min_teachers` are asked (every teacher, where there are fewer), the
+unasked one with the best draw.
 
 Why per problem and not pooled across the run's problems: a decision then depends only on the
-seed, the problem and what its own beams kept, so a resumed, re-batched, pipelined or sharded run
+seed, the problem and what its own beams did, so a resumed, re-batched, pipelined or sharded run
 makes exactly the decisions of an uninterrupted one. Learning across problems comes from the warm
 start, a finished run fixed before this one starts (its content enters the run's config hash).
 Nothing here imports an engine or does I/O.
@@ -33,9 +42,9 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cordgen.config import AdaptiveSettings, Schedule
+from cordgen.config import AdaptiveSettings, Credit, Schedule
 from cordgen.records import ProposalCounts, Usage
-from cordgen.search import ProblemSearch
+from cordgen.search import Beam, ProblemSearch
 from cordgen.seeds import derive_seed
 
 PhaseCounts = dict[tuple[str, int], ProposalCounts]  # (teacher, phase) -> counts
@@ -65,23 +74,34 @@ def by_phase(usages: Iterable[Usage], edges: Sequence[int]) -> PhaseCounts:
                 cell = cells.setdefault((teacher, phase_of(int(step), edges)), ProposalCounts())
                 cell.asked += counts.asked
                 cell.kept += counts.kept
+                cell.won += counts.won
                 cell.tokens += counts.tokens
     return cells
 
 
-def prior_from(warm_start: PhaseCounts, strength: float) -> Prior:
-    """Beta pseudo-counts worth `strength` proposals at the warm start's keep rate, per cell."""
-    return {
-        cell: (1 + strength * counts.kept / counts.asked, 1 + strength * (1 - counts.kept / counts.asked))
-        for cell, counts in warm_start.items()
-        if counts.asked > 0
-    }
+def wins(counts: ProposalCounts, credit: Credit) -> int:
+    return counts.won if credit == "final" else counts.kept
 
 
-def posterior(prior: Prior, own: PhaseCounts, teacher: str, phase: int) -> tuple[float, float]:
+def prior_from(warm_start: PhaseCounts, strength: float, credit: Credit = "final") -> Prior:
+    """Beta pseudo-counts worth `strength` proposals at the warm start's win rate, per cell."""
+    prior = {}
+    for cell, counts in warm_start.items():
+        if counts.asked > 0:
+            rate = wins(counts, credit) / counts.asked
+            prior[cell] = (1 + strength * rate, 1 + strength * (1 - rate))
+    return prior
+
+
+def posterior(
+    prior: Prior, own: PhaseCounts, teacher: str, phase: int, credit: Credit = "final"
+) -> tuple[float, float]:
+    """The prior updated by this problem's own counts; under `final` credit a problem's wins are
+    known only when it ends, so the prior alone decides."""
     a0, b0 = prior.get((teacher, phase), (1.0, 1.0))
-    counts = own.get((teacher, phase), ProposalCounts())
-    return a0 + counts.kept, b0 + max(0, counts.asked - counts.kept)
+    counts = own.get((teacher, phase), ProposalCounts()) if credit == "round" else ProposalCounts()
+    won = wins(counts, credit)
+    return a0 + won, b0 + max(0, counts.asked - won)
 
 
 @dataclass(frozen=True)
@@ -130,7 +150,11 @@ class Scheduler:
         phase = phase_of(step, self.settings.phases)
         own = by_phase([usage], self.settings.phases)
         draws = {
-            t: draw(self.seed, (problem, round_index, beam, t), *posterior(self.prior, own, t, phase))
+            t: draw(
+                self.seed,
+                (problem, round_index, beam, t),
+                *posterior(self.prior, own, t, phase, self.settings.credit),
+            )
             for t in self.teachers
         }
         return choose(draws, self.settings)
@@ -142,3 +166,9 @@ def record_kept(usage: Usage, search: ProblemSearch, round_index: int) -> None:
     for beam in (*search.frontier, *search.finished):
         if beam.steps and beam.steps[-1].round == round_index:
             usage.at(beam.steps[-1].teacher, len(beam.steps)).kept += 1
+
+
+def record_won(usage: Usage, result: Beam) -> None:
+    """Credits the author of each step of the problem's result trace with a win at its index."""
+    for index, step in enumerate(result.steps, start=1):
+        usage.at(step.teacher, index).won += 1

@@ -36,7 +36,7 @@ from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
-from cordgen.schedule import Prior, Scheduler, by_phase, prior_from, record_kept
+from cordgen.schedule import Prior, Scheduler, by_phase, prior_from, record_kept, record_won
 from cordgen.search import (
     Beam,
     Candidate,
@@ -178,7 +178,7 @@ def scheduler_for(run: Run) -> Scheduler:
     prior: Prior = {}
     if search.schedule == "adaptive" and search.adaptive.warm_start is not None:
         cells = by_phase(warm_start_usages(search.adaptive.warm_start), search.adaptive.phases)
-        prior = prior_from(cells, search.adaptive.prior_strength)
+        prior = prior_from(cells, search.adaptive.prior_strength, search.adaptive.credit)
     return Scheduler(tuple(run.teachers), run.recipe.seed, search.schedule, search.adaptive, prior)
 
 
@@ -361,6 +361,7 @@ def finish_problems(
     for p in finishing:
         result = outcomes[p.id][0]
         by_teacher.setdefault(result.steps[-1].teacher if result.steps else first_teacher, []).append(p)
+        record_won(usage[p.id], result)
     answers = {}
     for name, group in by_teacher.items():
         requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,), p.id) for p in group]
