@@ -351,7 +351,10 @@ class AdaptiveSettings(StrictModel):
         "two keep a choice between candidates on every beam",
     )
     prior_strength: float = Field(
-        20.0, ge=0, description="proposals the warm start's keep rate at each phase counts as"
+        1.0,
+        ge=0,
+        description="what one proposal of the warm start counts for: below 1, a large warm start "
+        "weighs less against this problem's own counts",
     )
     warm_start: str | None = Field(
         None,

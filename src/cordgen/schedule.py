@@ -8,12 +8,13 @@ the recipe's order (the author the records name), so a teacher later in the orde
 with what it adds to those before it: the statistic measures a teacher's marginal worth, and two
 teachers that always agree do not both look indispensable. Put the teacher you trust most first.
 
-Its posterior is Beta(a0 + won, b0 + asked - won). The prior is a0 = 1 + s * r,
-b0 = 1 + s * (1 - r): r is a warm start's win rate of t at f (wins / proposals asked, over a
-finished run's records), s is `prior_strength`; without a warm start, or without its data for
-(t, f), a0 = b0 = 1. Under `credit: round`, won and asked are THIS problem's own counts so far
-(its `Usage.proposals`); under `credit: final` a problem's wins are known only when it ends, so
-the warm start alone decides.
+Its posterior is Beta(a0 + won, b0 + asked - won). The prior is a0 = 1 + s * W,
+b0 = 1 + s * (A - W): W and A are a warm start's wins and proposals asked of t at f (summed over
+a finished run's records), s is `prior_strength`, the weight of one of its proposals; without a
+warm start, or without its data for (t, f), a0 = b0 = 1. A cell the warm start asked often is
+thus a confident one, and a rarely asked one stays open. Under `credit: round`, won and asked
+are THIS problem's own counts so far (its `Usage.proposals`); under `credit: final` a problem's
+wins are known only when it ends, so the warm start alone decides.
 
 Why final by default: a predictive scorer tells steps apart mostly at the end of a trace (the demo's
 ranks the middle steps near chance and every last step right), so which proposals survive a
@@ -84,13 +85,11 @@ def wins(counts: ProposalCounts, credit: Credit) -> int:
 
 
 def prior_from(warm_start: PhaseCounts, strength: float, credit: Credit = "final") -> Prior:
-    """Beta pseudo-counts worth `strength` proposals at the warm start's win rate, per cell."""
-    prior = {}
-    for cell, counts in warm_start.items():
-        if counts.asked > 0:
-            rate = wins(counts, credit) / counts.asked
-            prior[cell] = (1 + strength * rate, 1 + strength * (1 - rate))
-    return prior
+    """The warm start's wins and losses per cell as Beta pseudo-counts, each worth `strength`."""
+    return {
+        cell: (1 + strength * wins(c, credit), 1 + strength * (c.asked - wins(c, credit)))
+        for cell, c in warm_start.items()
+    }
 
 
 def posterior(
