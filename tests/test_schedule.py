@@ -348,7 +348,7 @@ def test_a_warm_start_without_proposal_counts_is_one_line(tmp_path):
 def test_the_run_summary_totals_proposals_per_teacher_and_phase(tmp_path):
     from rich.console import Console
 
-    from cordgen.progress import phase_table
+    from cordgen.progress import phase_table, short
 
     records = run(stand_in_recipe(tmp_path), PROBLEMS)
     console = Console(width=200, record=True)
@@ -359,5 +359,6 @@ def test_the_run_summary_totals_proposals_per_teacher_and_phase(tmp_path):
     won_a = sum(r.usage.proposals["a"]["1"].won for r in records)
     tokens_a = sum(r.usage.proposals["a"]["1"].tokens for r in records)
     assert "steps 1" in text and "steps 2" in text and "steps 3+" in text
-    assert f"{won_a}/{kept_a}/{asked_a} {tokens_a:,}" in text
+    assert f"{won_a}/{kept_a}/{asked_a} {short(tokens_a)}" in text
+    assert [short(n) for n in (999, 1234, 56_789_000)] == ["999", "1.2k", "56.8M"]
     assert phase_table([r.model_copy(update={"usage": Usage()}) for r in records], (1, 2)) is None

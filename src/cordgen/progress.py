@@ -140,6 +140,14 @@ class RecordTally:
         return table
 
 
+def short(count: int) -> str:
+    """12345 as 12.3k: a table cell that fits a terminal."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)
+
+
 def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table | None:
     """Per teacher and phase of the trace (step indexes): proposals won (steps of result traces),
     kept (survived their round's selection) and asked, and the tokens they cost; None where
@@ -157,7 +165,7 @@ def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table 
         row = [teacher]
         for phase in used:
             c = cells.get((teacher, phase))
-            row.append(f"{c.won}/{c.kept}/{c.asked} {c.tokens:,}" if c and c.asked else "-")
+            row.append(f"{c.won}/{c.kept}/{c.asked} {short(c.tokens)}" if c and c.asked else "-")
         table.add_row(*row)
     return table
 
