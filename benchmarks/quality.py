@@ -54,11 +54,13 @@ class Variant:
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
     schedule: str = "all"  # adaptive: warm-started from the pilot run
+    fill_beams: bool = False  # adaptive: every teacher while a problem's frontier is short of B
 
 
 VARIANTS = (
     Variant("cord", "main"),
     Variant("adaptive", "main", schedule="adaptive"),
+    Variant("adaptive+fill", "main", schedule="adaptive", fill_beams=True),
     Variant("single teacher-a", "main", "single", ("teacher-a",)),
     Variant("single teacher-b", "main", "single", ("teacher-b",)),
     Variant("single teacher-c", "main", "single", ("teacher-c",)),
@@ -100,6 +102,7 @@ def variant_recipe(
     data = base.model_dump()
     if variant.schedule == "adaptive":
         data["search"]["schedule"] = "adaptive"
+        data["search"]["adaptive"]["fill_beams"] = variant.fill_beams
         if warm_start is not None:
             data["search"]["adaptive"]["warm_start"] = str(warm_start)
     if variant.teachers:
@@ -305,9 +308,7 @@ def markdown(report: dict) -> str:
 
 
 def schedule_tables(report: dict) -> list[str]:
-    """Teacher tokens per problem under each schedule, and per teacher and phase the share of the
-    result traces' steps it wrote (the paper's who-wins-when figure), with its win rate (those
-    steps / proposals asked) and its keep rate (steps that survived their round / asked)."""
+    """The pilot, teacher tokens per problem under each schedule, and per phase who wins."""
     variants = report["variants"]
     lines: list[str] = []
     if report["pilot"]:
@@ -318,42 +319,50 @@ def schedule_tables(report: dict) -> list[str]:
             f"{pilot['generated_tokens_per_problem']:.0f} teacher tokens each, {pilot['wall_s']:.0f} s.",
         ]
     if "cord" in variants and "adaptive" in variants:
-        every = variants["cord"]["mean"]["generated_tokens_by_teacher"]
-        adaptive = variants["adaptive"]["mean"]["generated_tokens_by_teacher"]
-        lines += [
-            "",
-            "Teacher tokens generated per problem, every teacher on every beam (cord) and adaptive:",
-            "",
-        ]
-        lines += ["| teacher | cord | adaptive | saved |", "|---|---|---|---|"]
-        for teacher in sorted(every):
-            before, after = every[teacher], adaptive.get(teacher, 0.0)
-            lines.append(f"| {teacher} | {before:.0f} | {after:.0f} | {percent(1 - after / before)} |")
-        total, spent = sum(every.values()), sum(adaptive.values())
-        lines.append(f"| all | {total:.0f} | {spent:.0f} | {percent(1 - spent / total)} |")
-    shown = [name for name in ("cord", "adaptive") if variants.get(name, {}).get("mean", {}).get("proposals")]
-    for name in shown:
-        proposals = variants[name]["mean"]["proposals"]
-        phases = sorted(
-            {p for t in proposals.values() for p in t}, key=lambda p: int(p.split("-")[0].rstrip("+"))
+        lines += tokens_saved_table(
+            variants["cord"]["mean"]["generated_tokens_by_teacher"],
+            variants["adaptive"]["mean"]["generated_tokens_by_teacher"],
         )
-        won = {p: sum(proposals[t].get(p, {}).get("won", 0) for t in proposals) for p in phases}
-        lines += ["", f"{name}: share of the result traces' steps per phase (win rate, keep rate):", ""]
-        lines += [
-            "| teacher | " + " | ".join(f"steps {p}" for p in phases) + " |",
-            "|" + "---|" * (len(phases) + 1),
-        ]
-        for teacher in sorted(proposals):
-            cells = []
-            for p in phases:
-                c = proposals[teacher].get(p)
-                if not c or not c["asked"]:
-                    cells.append("-")
-                    continue
-                share = c["won"] / won[p] if won[p] else 0.0
-                rates = f"{percent(c['won'] / c['asked'])}, {percent(c['kept'] / c['asked'])}"
-                cells.append(f"{percent(share)} ({rates})")
-            lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
+    for name in ("cord", "adaptive"):
+        if variants.get(name, {}).get("mean", {}).get("proposals"):
+            lines += phase_wins_table(name, variants[name]["mean"]["proposals"])
+    return lines
+
+
+def tokens_saved_table(every: dict[str, float], adaptive: dict[str, float]) -> list[str]:
+    lines = ["", "Teacher tokens generated per problem, every teacher on every beam (cord) and adaptive:", ""]
+    lines += ["| teacher | cord | adaptive | saved |", "|---|---|---|---|"]
+    for teacher in sorted(every):
+        before, after = every[teacher], adaptive.get(teacher, 0.0)
+        lines.append(f"| {teacher} | {before:.0f} | {after:.0f} | {percent(1 - after / before)} |")
+    total, spent = sum(every.values()), sum(adaptive.values())
+    return [*lines, f"| all | {total:.0f} | {spent:.0f} | {percent(1 - spent / total)} |"]
+
+
+def phase_wins_table(name: str, proposals: dict) -> list[str]:
+    """Per teacher and phase: its share of the result traces' steps (the paper's who-wins-when
+    figure), its win rate (those steps / proposals asked) and keep rate (survived their round / asked)."""
+    phases = sorted(
+        {p for t in proposals.values() for p in t}, key=lambda p: int(p.split("-")[0].rstrip("+"))
+    )
+    won = {p: sum(proposals[t].get(p, {}).get("won", 0) for t in proposals) for p in phases}
+    lines = ["", f"{name}: share of the result traces' steps per phase (win rate, keep rate):", ""]
+    lines += [
+        "| teacher | " + " | ".join(f"steps {p}" for p in phases) + " |",
+        "|" + "---|" * (len(phases) + 1),
+    ]
+    for teacher in sorted(proposals):
+        cells = []
+        for p in phases:
+            c = proposals[teacher].get(p)
+            if not c or not c["asked"]:
+                cells.append("-")
+                continue
+            share = c["won"] / won[p] if won[p] else 0.0
+            cells.append(
+                f"{percent(share)} ({percent(c['won'] / c['asked'])}, {percent(c['kept'] / c['asked'])})"
+            )
+        lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
     return lines
 
 

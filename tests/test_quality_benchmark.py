@@ -55,3 +55,22 @@ def test_ranking_accuracy_counts_right_wrong_pairs_of_one_parent_by_position():
     assert ranking["2"] == {"pairs": 2, "accuracy": 0.25}
     assert ranking["middle"] == {"pairs": 3, "accuracy": 0.5}
     assert ranking["last"] == {"pairs": 1, "accuracy": 1.0}
+
+
+def test_the_schedule_tables_give_tokens_saved_and_who_wins_each_phase():
+    saved = quality.tokens_saved_table({"a": 100.0, "c": 140.0}, {"a": 80.0, "c": 14.0})
+    assert "| c | 140 | 14 | 90.0% |" in saved and "| all | 240 | 94 | 60.8% |" in saved
+    proposals = {
+        "a": {
+            "1": {"asked": 10, "kept": 10, "won": 6, "tokens": 50},
+            "3-4": {"asked": 20, "kept": 12, "won": 3},
+        },
+        "c": {
+            "1": {"asked": 10, "kept": 2, "won": 2, "tokens": 70},
+            "3-4": {"asked": 0, "kept": 0, "won": 0},
+        },
+    }
+    table = quality.phase_wins_table("cord", proposals)
+    assert "| teacher | steps 1 | steps 3-4 |" in table
+    assert "| a | 75.0% (60.0%, 100.0%) | 100.0% (15.0%, 60.0%) |" in table
+    assert "| c | 25.0% (20.0%, 20.0%) | - |" in table

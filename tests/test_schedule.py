@@ -147,6 +147,14 @@ def test_a_problem_asks_a_teacher_less_after_its_own_beams_dropped_its_steps():
     assert share_of_c(dropped) < 0.2 < 0.8 < share_of_c(kept)
 
 
+def test_fill_beams_asks_every_teacher_while_the_frontier_is_short_of_the_beam_width():
+    settings = AdaptiveSettings(phases=(64,), floor=0.0, min_teachers=1, fill_beams=True)
+    scheduler = hopeless_c(0.0)
+    scheduler = Scheduler(TEACHERS, 3, "adaptive", settings, scheduler.prior)
+    assert all(scheduler.teachers_for(f"p{i}", 1, 0, 1, Usage(), filling=True) == TEACHERS for i in range(20))
+    assert all("c" not in scheduler.teachers_for(f"p{i}", 3, 0, 3, Usage()) for i in range(20))
+
+
 def test_all_asks_every_teacher():
     assert Scheduler(TEACHERS, 0).teachers_for("p", 1, 0, 1, Usage()) == TEACHERS
 

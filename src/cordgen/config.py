@@ -341,6 +341,11 @@ class AdaptiveSettings(StrictModel):
         le=1,
         description="a teacher is asked where its sampled keep rate is at least this share of the best one's",
     )
+    fill_beams: bool = Field(
+        False,
+        description="ask every teacher on a problem whose frontier holds fewer than beam_width beams: "
+        "every distinct step then becomes a beam, and such rounds are the cheap ones",
+    )
     floor: float = Field(
         0.1, ge=0, le=1, description="each teacher is asked at least this often on each beam"
     )

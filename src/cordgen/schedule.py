@@ -141,10 +141,11 @@ class Scheduler:
     prior: Prior = field(default_factory=dict)
 
     def teachers_for(
-        self, problem: str, round_index: int, beam: int, step: int, usage: Usage
+        self, problem: str, round_index: int, beam: int, step: int, usage: Usage, filling: bool = False
     ) -> tuple[str, ...]:
-        """Who proposes the `step`-th step of the problem's `beam`-th frontier beam this round."""
-        if self.mode == "all" or len(self.teachers) == 1:
+        """Who proposes the `step`-th step of the problem's `beam`-th frontier beam this round;
+        `filling`: the problem's frontier holds fewer beams than the beam width."""
+        if self.mode == "all" or len(self.teachers) == 1 or (filling and self.settings.fill_beams):
             return self.teachers
         phase = phase_of(step, self.settings.phases)
         own = by_phase([usage], self.settings.phases)

@@ -261,8 +261,11 @@ def propose_round(
     is asked on none); per problem, proposals in (parent, teacher, sample) order. Seeds are keyed
     by (problem, round, beam, teacher, sample)."""
     slots = [(p, parent, beam) for p in live for parent, beam in enumerate(searches[p.id].frontier)]
+    width = run.recipe.search.beam_width
     asked = [
-        scheduler.teachers_for(p.id, round_index, parent, len(beam.steps) + 1, usage[p.id])
+        scheduler.teachers_for(
+            p.id, round_index, parent, len(beam.steps) + 1, usage[p.id], len(searches[p.id].frontier) < width
+        )
         for p, parent, beam in slots
     ]
     samples = {t.name: t.sampling.n for t in run.recipe.teachers}
