@@ -148,7 +148,7 @@ class Scheduler:
         if self.mode == "all" or len(self.teachers) == 1 or (filling and self.settings.fill_beams):
             return self.teachers
         phase = phase_of(step, self.settings.phases)
-        own = by_phase([usage], self.settings.phases)
+        own = by_phase([usage], self.settings.phases) if self.settings.credit == "round" else {}
         draws = {
             t: draw(
                 self.seed,
