@@ -105,7 +105,7 @@ def posterior(
 
 @dataclass(frozen=True)
 class Draw:
-    theta: float  # a sampled keep rate
+    theta: float  # a sampled win rate
     explore: float  # uniform in [0, 1): asked regardless where below the floor
 
 
