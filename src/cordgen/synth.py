@@ -2,9 +2,9 @@
 
 Per round, each teacher gets ONE propose call holding every live beam of every live problem it is
 asked on (every one under `search.schedule: all`; see `cordgen.schedule`) and the scorer ONE call
-holding every distinct candidate; the choices between calls are the pure
-functions of `cordgen.search`. Problems leave the batch as they finish, and their records go to
-the sink at once.
+holding every distinct candidate; the choices between calls are the pure functions of
+`cordgen.search` and `cordgen.schedule`. Problems leave the batch as they finish, and their
+records go to the sink at once.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ Pending = tuple["ProblemGroup", GroupRound, Future[Scores]]
 
 
 class ProblemGroup:
-    """Problems that advance in lockstep: per round, ONE propose call per teacher and ONE
-    scorer call over all of them."""
+    """Problems that advance in lockstep: per round, at most ONE propose call per teacher and
+    ONE scorer call over all of them."""
 
     def __init__(self, run: Run, problems: list[Problem], scheduler: Scheduler) -> None:
         self.run = run
