@@ -370,3 +370,12 @@ def test_the_run_summary_totals_proposals_per_teacher_and_phase(tmp_path):
     assert f"{won_a}/{kept_a}/{asked_a} {short(tokens_a)}" in text
     assert [short(n) for n in (999, 1234, 56_789_000)] == ["999", "1.2k", "56.8M"]
     assert phase_table([r.model_copy(update={"usage": Usage()}) for r in records], (1, 2)) is None
+
+
+def test_the_command_line_sets_the_schedule_and_its_warm_start(tmp_path, warm_start):
+    from tests.helpers import resolved, write_recipe
+
+    recipe = resolved(write_recipe(tmp_path), schedule="adaptive", warm_start=warm_start)
+    assert recipe.search.schedule == "adaptive" and recipe.search.adaptive.warm_start == str(warm_start)
+    with pytest.raises(ConfigError, match="search.schedule: Input should be 'all' or 'adaptive'"):
+        resolved(write_recipe(tmp_path), schedule="some")

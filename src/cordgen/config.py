@@ -610,8 +610,8 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     """The recipe file (if any) with command-line overrides applied and validated again.
 
     `overrides` keys: teachers (list of names/models), scorer, input, out, beam_width,
-    max_steps, strategy, seed, and the `input:` settings split, id_field, question_field,
-    answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
+    max_steps, strategy, schedule, warm_start, seed, and the `input:` settings split, id_field,
+    question_field, answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
     teacher also scores, as the paper's strongest teacher does.
     """
     recipe = load_recipe(path) if path is not None else None
@@ -629,9 +629,11 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     data["teachers"] = [t.model_dump() for t in teachers]
     data["scorer"] = scorer.model_dump()
     search = data.setdefault("search", {})
-    for key in ("beam_width", "max_steps", "strategy"):
+    for key in ("beam_width", "max_steps", "strategy", "schedule"):
         if key in given:
             search[key] = given[key]
+    if "warm_start" in given:
+        search.setdefault("adaptive", {})["warm_start"] = str(given["warm_start"])
     if "seed" in given:
         data["seed"] = given["seed"]
     inputs = data.setdefault("input", {})
