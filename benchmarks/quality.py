@@ -4,6 +4,9 @@
     python benchmarks/quality.py --problems 50 --seeds 0,1,2
     python benchmarks/quality.py --config RECIPE --pilot OTHER_PROBLEMS.jsonl --variants cord,adaptive
 
+With a recipe of other problems (real models), answer accuracy (the extracted answer equal to the
+gold one), tokens and the schedule tables are measured alike; the step checks are the demo's.
+
 Every variant runs on the same problems with the same engines, loaded once, so the figures sit
 side by side. Every step of the demo task is checkable, so besides final-answer accuracy the
 benchmark reports step validity (share of kept steps whose arithmetic is right) and sound traces
@@ -141,7 +144,8 @@ def ranking_accuracy(seen: Sequence[ScoredCandidate], problems: dict[str, task.P
     groups: dict[tuple, dict[str, tuple[bool, float]]] = defaultdict(dict)
     for item in seen:
         request = item.request
-        verdict = step_is_right(problems[request.question], request.steps)
+        problem = problems.get(request.question)
+        verdict = None if problem is None else step_is_right(problem, request.steps)
         if verdict is not None and math.isfinite(item.score):
             groups[(request.question, request.steps[:-1])][request.steps[-1]] = (verdict, item.score)
     wins: Counter = Counter()
@@ -171,23 +175,28 @@ def proposals_by_phase(records: Sequence[TraceRecord], phases: Sequence[int]) ->
 def measure(
     records: Sequence[TraceRecord], problems: dict[str, task.Problem], seconds: float, phases: Sequence[int]
 ) -> dict:
-    correct = hard = hard_correct = sound = valid = steps = 0
+    """Answer accuracy is the extracted answer equal to the gold one. Step validity, sound traces
+    and hard problems need the demo task's checker: they count the demo's problems only, and are
+    None for a recipe whose problems are others."""
+    correct = hard = hard_correct = sound = valid = steps = checked = 0
     kept: Counter = Counter()
     by_teacher: Counter = Counter()
     generated = scored = computed = 0
     for record in records:
-        problem = problems[record.question]
-        texts = [s.text for s in record.result.steps]
-        check = task.check_trace(problem, texts)
         final = record.result.final_answer
         right = final is not None and final.extracted == record.answer
         correct += right
-        sound += right and check.sound
-        valid += sum(v is True for v in check.valid)
-        steps += len(texts)
-        if len(task.firing_rules(problem)) >= 2:
-            hard += 1
-            hard_correct += right
+        problem = problems.get(record.question)
+        if problem is not None:
+            texts = [s.text for s in record.result.steps]
+            check = task.check_trace(problem, texts)
+            checked += 1
+            sound += right and check.sound
+            valid += sum(v is True for v in check.valid)
+            steps += len(texts)
+            if len(task.firing_rules(problem)) >= 2:
+                hard += 1
+                hard_correct += right
         kept.update(s.teacher for s in record.result.steps)
         generated += sum(record.usage.generated_tokens.values())
         by_teacher.update(record.usage.generated_tokens)
@@ -199,8 +208,8 @@ def measure(
         "answer_accuracy": round(correct / n, 4),
         "hard_problems": hard,
         "hard_accuracy": round(hard_correct / hard, 4) if hard else None,
-        "step_validity": round(valid / max(1, steps), 4),
-        "sound_and_correct": round(sound / n, 4),
+        "step_validity": round(valid / max(1, steps), 4) if checked else None,
+        "sound_and_correct": round(sound / checked, 4) if checked else None,
         "generated_tokens_per_problem": round(generated / n, 1),
         "scorer_tokens_per_problem": round(scored / n, 1),
         "scorer_tokens_computed_per_problem": round(computed / n, 1),
@@ -234,6 +243,7 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)):
             summary[key] = round(statistics.fmean(r[key] for r in runs), 4)
+    summary |= {key: None for key, value in runs[0].items() if value is None}  # not a demo problem
     summary["hard_accuracy"] = runs[0]["hard_accuracy"] and round(
         statistics.fmean(r["hard_accuracy"] for r in runs), 4
     )
@@ -427,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(stderr=True)
     base = load_recipe(args.config)
     problems = load_problems(base.input.path).problems[: args.problems]
-    demo = {p.question: task.parse_question(p.question) for p in problems}
+    demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]

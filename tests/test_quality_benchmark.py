@@ -74,3 +74,14 @@ def test_the_schedule_tables_give_tokens_saved_and_who_wins_each_phase():
     assert "| teacher | steps 1 | steps 3-4 |" in table
     assert "| a | 75.0% (60.0%, 100.0%) | 100.0% (15.0%, 60.0%) |" in table
     assert "| c | 25.0% (20.0%, 20.0%) | - |" in table
+
+
+def test_a_recipe_of_other_problems_is_measured_without_the_demo_checker():
+    from tests.helpers import make_record
+
+    records = [make_record("q0"), make_record("q1").model_copy(update={"answer": "7"})]  # right, wrong
+    measured = quality.measure(records, {}, 1.0, (1, 2))
+    assert measured["answer_accuracy"] == 0.5 and measured["generated_tokens_per_problem"] == 13
+    assert measured["step_validity"] is None and measured["sound_and_correct"] is None
+    summary = quality.mean_over_seeds([measured, measured])
+    assert summary["answer_accuracy"] == 0.5 and summary["step_validity"] is None
