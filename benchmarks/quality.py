@@ -2,13 +2,20 @@
 
     make quality                                   # 200 shipped problems, seed 0
     python benchmarks/quality.py --problems 50 --seeds 0,1,2
+    python benchmarks/quality.py --config RECIPE --pilot OTHER_PROBLEMS.jsonl --variants cord,adaptive
+
+With a recipe of other problems (real models), answer accuracy (the extracted answer equal to the
+gold one), tokens and the schedule tables are measured alike; the step checks are the demo's.
 
 Every variant runs on the same problems with the same engines, loaded once, so the figures sit
 side by side. Every step of the demo task is checkable, so besides final-answer accuracy the
 benchmark reports step validity (share of kept steps whose arithmetic is right) and sound traces
 (every step right and following the question), and it reads the scorer's own choices: of the
 (correct, wrong) candidate pairs proposed from the same partial trace, the share it ranks right,
-by step position. Results go to benchmarks/results/quality.{json,md}.
+by step position. The adaptive schedule's row is warm-started from a pilot `cord` run (every
+teacher on every beam) over other problems: generated held-out demo problems for the demo recipe,
+`--pilot FILE` for any other. Per teacher and phase of the trace, every step-wise variant reports
+proposals asked, kept and their tokens. Results go to benchmarks/results/quality.{json,md}.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -30,10 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "demo_models"))
 import task  # noqa: E402
 from report_files import RESULTS, ROOT, shown_path, write_report  # noqa: E402
 
-from cordgen.config import Recipe, load_recipe  # noqa: E402
+from cordgen.config import Recipe, VerifierSettings, load_recipe  # noqa: E402
 from cordgen.engines import Scorer, ScoreRequest, StepScore  # noqa: E402
 from cordgen.problems import Problem, load_problems  # noqa: E402
 from cordgen.records import TraceRecord  # noqa: E402
+from cordgen.schedule import by_phase, phase_labels  # noqa: E402
+
+PILOT_SEED = 19  # the generator's seed for the pilot's demo problems (the shipped ones: 2026)
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,14 @@ class Variant:
     kind: str = "predictive"  # scorer.kind; on the demo, verifier and hybrid ask its verifier (JUDGE)
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
+    schedule: str = "all"  # adaptive: warm-started from the pilot run
+    fill_beams: bool = False  # adaptive: every teacher while a problem's frontier is short of B
 
 
 VARIANTS = (
     Variant("cord", "main"),
+    Variant("adaptive", "main", schedule="adaptive"),
+    Variant("adaptive+fill", "main", schedule="adaptive", fill_beams=True),
     Variant("single teacher-a", "main", "single", ("teacher-a",)),
     Variant("single teacher-b", "main", "single", ("teacher-b",)),
     Variant("single teacher-c", "main", "single", ("teacher-c",)),
@@ -91,21 +106,34 @@ class RecordingScorer:
         return scores
 
 
-def demo_model(base: Recipe, name: str) -> str:
+def demo_model(base: Recipe, name: str) -> Path:
     """A shipped demo model next to the recipe's scorer."""
-    return str(Path(base.scorer.engine.model).parent / name)
+    return Path(base.scorer.engine.model).parent / name
 
 
-def variant_recipe(base: Recipe, variant: Variant, seed: int) -> Recipe:
+def has_judge(base: Recipe, variant: Variant) -> bool:
+    """A judged kind needs the demo verifier, or a recipe that set up its own judge."""
+    own = base.scorer.kind in JUDGED_KINDS or base.scorer.verifier != VerifierSettings()
+    return variant.kind not in JUDGED_KINDS or own or demo_model(base, "verifier").is_dir()
+
+
+def variant_recipe(
+    base: Recipe, variant: Variant, seed: int, final_scorer: str, warm_start: Path | None = None
+) -> Recipe:
     data = base.model_dump()
+    if variant.schedule == "adaptive":
+        data["search"]["schedule"] = "adaptive"
+        data["search"]["adaptive"]["fill_beams"] = variant.fill_beams
+        if warm_start is not None:
+            data["search"]["adaptive"]["warm_start"] = str(warm_start)
     if variant.teachers:
         data["teachers"] = [t for t in data["teachers"] if t["name"] in variant.teachers]
     if variant.scorer == "scorer-final":
         data["scorer"]["name"] = "scorer-final"
-        data["scorer"]["engine"]["model"] = demo_model(base, "scorer-final")
+        data["scorer"]["engine"]["model"] = final_scorer
     data["scorer"]["kind"] = variant.kind  # random: the search keeps random children, not likely ones
-    if variant.kind in JUDGED_KINDS and Path(demo_model(base, "verifier")).is_dir():
-        engine = {**data["scorer"]["engine"], "model": demo_model(base, "verifier")}
+    if variant.kind in JUDGED_KINDS and demo_model(base, "verifier").is_dir():
+        engine = {**data["scorer"]["engine"], "model": str(demo_model(base, "verifier"))}
         data["scorer"]["verifier"] = {**data["scorer"]["verifier"], **JUDGE, "engine": engine}
     data["search"]["strategy"] = variant.strategy
     if variant.beam_width is not None:
@@ -139,7 +167,8 @@ def ranking_accuracy(
     groups: dict[tuple, dict[str, tuple[bool, float]]] = defaultdict(dict)
     for item in seen:
         request = item.request
-        verdict = step_is_right(problems[request.question], request.steps)
+        problem = problems.get(request.question)
+        verdict = None if problem is None else step_is_right(problem, request.steps)
         value = item.score if component is None else item.components.get(component, math.nan)
         if verdict is not None and math.isfinite(value):
             groups[(request.question, request.steps[:-1])][request.steps[-1]] = (verdict, value)
@@ -158,25 +187,43 @@ def ranking_accuracy(
     return {key: {"pairs": pairs[key], "accuracy": round(wins[key] / pairs[key], 4)} for key in sorted(pairs)}
 
 
-def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], seconds: float) -> dict:
-    correct = hard = hard_correct = sound = valid = steps = 0
+def proposals_by_phase(records: Sequence[TraceRecord], phases: Sequence[int]) -> dict:
+    """{teacher: {phase: {asked, kept, won, tokens}}} summed over the records."""
+    labels = phase_labels(phases)
+    table: dict = defaultdict(dict)
+    for (teacher, phase), c in sorted(by_phase((r.usage for r in records), phases).items()):
+        table[teacher][labels[phase]] = {"asked": c.asked, "kept": c.kept, "won": c.won, "tokens": c.tokens}
+    return dict(table)
+
+
+def measure(
+    records: Sequence[TraceRecord], problems: dict[str, task.Problem], seconds: float, phases: Sequence[int]
+) -> dict:
+    """Answer accuracy is the extracted answer equal to the gold one. Step validity, sound traces
+    and hard problems need the demo task's checker: they count the demo's problems only, and are
+    None for a recipe whose problems are others."""
+    correct = hard = hard_correct = sound = valid = steps = checked = 0
     kept: Counter = Counter()
+    by_teacher: Counter = Counter()
     generated = scored = computed = 0
     for record in records:
-        problem = problems[record.question]
-        texts = [s.text for s in record.result.steps]
-        check = task.check_trace(problem, texts)
         final = record.result.final_answer
         right = final is not None and final.extracted == record.answer
         correct += right
-        sound += right and check.sound
-        valid += sum(v is True for v in check.valid)
-        steps += len(texts)
-        if len(task.firing_rules(problem)) >= 2:
-            hard += 1
-            hard_correct += right
+        problem = problems.get(record.question)
+        if problem is not None:
+            texts = [s.text for s in record.result.steps]
+            check = task.check_trace(problem, texts)
+            checked += 1
+            sound += right and check.sound
+            valid += sum(v is True for v in check.valid)
+            steps += len(texts)
+            if len(task.firing_rules(problem)) >= 2:
+                hard += 1
+                hard_correct += right
         kept.update(s.teacher for s in record.result.steps)
         generated += sum(record.usage.generated_tokens.values())
+        by_teacher.update(record.usage.generated_tokens)
         scored += record.usage.scored_tokens
         computed += record.usage.scored_tokens_computed
     n = len(records)
@@ -185,13 +232,15 @@ def measure(records: Sequence[TraceRecord], problems: dict[str, task.Problem], s
         "answer_accuracy": round(correct / n, 4),
         "hard_problems": hard,
         "hard_accuracy": round(hard_correct / hard, 4) if hard else None,
-        "step_validity": round(valid / max(1, steps), 4),
-        "sound_and_correct": round(sound / n, 4),
+        "step_validity": round(valid / max(1, steps), 4) if checked else None,
+        "sound_and_correct": round(sound / checked, 4) if checked else None,
         "generated_tokens_per_problem": round(generated / n, 1),
         "scorer_tokens_per_problem": round(scored / n, 1),
         "scorer_tokens_computed_per_problem": round(computed / n, 1),
         "wall_s": round(seconds, 2),
         "kept_step_share": {t: round(c / max(1, sum(kept.values())), 4) for t, c in sorted(kept.items())},
+        "generated_tokens_by_teacher": {t: round(c / n, 1) for t, c in sorted(by_teacher.items())},
+        "proposals": proposals_by_phase(records, phases),
     }
 
 
@@ -206,7 +255,7 @@ def run_variant(
     records: list[TraceRecord] = []
     started = time.perf_counter()
     synthesize(problems, teachers, recorder, recipe, records.extend)
-    result = measure(records, demo, time.perf_counter() - started)
+    result = measure(records, demo, time.perf_counter() - started, recipe.search.adaptive.phases)
     if variant.strategy != "curate" and variant.kind != "random":
         result["step_ranking"] = ranking_accuracy(recorder.seen, demo)
         components = sorted({c for item in recorder.seen for c in item.components})
@@ -221,6 +270,7 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, (int, float)):
             summary[key] = round(statistics.fmean(r[key] for r in runs), 4)
+    summary |= {key: None for key, value in runs[0].items() if value is None}  # not a demo problem
     summary["hard_accuracy"] = runs[0]["hard_accuracy"] and round(
         statistics.fmean(r["hard_accuracy"] for r in runs), 4
     )
@@ -229,6 +279,11 @@ def mean_over_seeds(runs: Sequence[dict]) -> dict:
     summary["kept_step_share"] = {
         t: round(statistics.fmean(r["kept_step_share"].get(t, 0.0) for r in runs), 4) for t in teachers
     }
+    summary["generated_tokens_by_teacher"] = {
+        t: round(statistics.fmean(r["generated_tokens_by_teacher"].get(t, 0.0) for r in runs), 1)
+        for t in sorted({t for r in runs for t in r["generated_tokens_by_teacher"]})
+    }
+    summary["proposals"] = summed_proposals(runs)
     if "step_ranking" in runs[0]:
         summary["step_ranking"] = pooled_ranking([r["step_ranking"] for r in runs])
     if "component_ranking" in runs[0]:
@@ -247,6 +302,16 @@ def pooled_ranking(rankings: Sequence[dict]) -> dict:
         wins = sum(c["pairs"] * c["accuracy"] for c in cells)
         pooled[key] = {"pairs": pairs, "accuracy": round(wins / pairs, 4)}
     return pooled
+
+
+def summed_proposals(runs: Sequence[dict]) -> dict:
+    """The seeds' proposal counts added up, so keep rates weigh every proposal alike."""
+    total: dict = defaultdict(lambda: defaultdict(Counter))
+    for r in runs:
+        for teacher, phases in r["proposals"].items():
+            for phase, counts in phases.items():
+                total[teacher][phase].update(counts)
+    return {t: {p: dict(c) for p, c in phases.items()} for t, phases in total.items()}
 
 
 def percent(value: float | None) -> str:
@@ -280,7 +345,8 @@ def markdown(report: dict) -> str:
     lines.append("|" + "---|" * 8)
     for name, row in report["variants"].items():
         if name in RANKED:
-            lines += ranking_lines(name, row)
+            lines += ranking_lines(row)
+    lines += schedule_tables(report)
     return "\n".join(lines) + "\n"
 
 
@@ -288,9 +354,9 @@ def markdown(report: dict) -> str:
 RANKED = ("cord", "cord, scorer-final", "cord, verifier", "cord, hybrid")
 
 
-def ranking_lines(name: str, row: dict) -> list[str]:
+def ranking_lines(row: dict) -> list[str]:
     """The variant's ranking by the score it searched with, then by each of its components."""
-    label = row["scorer"] if row["kind"] == "predictive" else row["kind"]
+    label = row["scorer"] if row.get("kind", "predictive") == "predictive" else row["kind"]
     tables = [(label, row["mean"].get("step_ranking"))]
     tables += [(f"{label}: {c} part", r) for c, r in row["mean"].get("component_ranking", {}).items()]
     lines = []
@@ -302,6 +368,65 @@ def ranking_lines(name: str, row: dict) -> list[str]:
     return lines
 
 
+def schedule_tables(report: dict) -> list[str]:
+    """The pilot, teacher tokens per problem under each schedule, and per phase who wins."""
+    variants = report["variants"]
+    lines: list[str] = []
+    if report["pilot"]:
+        pilot = report["pilot"]
+        lines += [
+            "",
+            f"The adaptive rows' warm start: cord (seed 0) on {pilot['problems']} other problems, "
+            f"{pilot['generated_tokens_per_problem']:.0f} teacher tokens each, {pilot['wall_s']:.0f} s.",
+        ]
+    if "cord" in variants and "adaptive" in variants:
+        lines += tokens_saved_table(
+            variants["cord"]["mean"]["generated_tokens_by_teacher"],
+            variants["adaptive"]["mean"]["generated_tokens_by_teacher"],
+        )
+    for name in ("cord", "adaptive"):
+        if variants.get(name, {}).get("mean", {}).get("proposals"):
+            lines += phase_wins_table(name, variants[name]["mean"]["proposals"])
+    return lines
+
+
+def tokens_saved_table(every: dict[str, float], adaptive: dict[str, float]) -> list[str]:
+    lines = ["", "Teacher tokens generated per problem, every teacher on every beam (cord) and adaptive:", ""]
+    lines += ["| teacher | cord | adaptive | saved |", "|---|---|---|---|"]
+    for teacher in sorted(every):
+        before, after = every[teacher], adaptive.get(teacher, 0.0)
+        lines.append(f"| {teacher} | {before:.0f} | {after:.0f} | {percent(1 - after / before)} |")
+    total, spent = sum(every.values()), sum(adaptive.values())
+    return [*lines, f"| all | {total:.0f} | {spent:.0f} | {percent(1 - spent / total)} |"]
+
+
+def phase_wins_table(name: str, proposals: dict) -> list[str]:
+    """Per teacher and phase: its share of the result traces' steps (the paper's who-wins-when
+    figure), its win rate (those steps / proposals asked) and keep rate (survived their round / asked)."""
+    phases = sorted(
+        {p for t in proposals.values() for p in t}, key=lambda p: int(p.split("-")[0].rstrip("+"))
+    )
+    won = {p: sum(proposals[t].get(p, {}).get("won", 0) for t in proposals) for p in phases}
+    lines = ["", f"{name}: share of the result traces' steps per phase (win rate, keep rate):", ""]
+    lines += [
+        "| teacher | " + " | ".join(f"steps {p}" for p in phases) + " |",
+        "|" + "---|" * (len(phases) + 1),
+    ]
+    for teacher in sorted(proposals):
+        cells = []
+        for p in phases:
+            c = proposals[teacher].get(p)
+            if not c or not c["asked"]:
+                cells.append("-")
+                continue
+            share = c["won"] / won[p] if won[p] else 0.0
+            cells.append(
+                f"{percent(share)} ({percent(c['won'] / c['asked'])}, {percent(c['kept'] / c['asked'])})"
+            )
+        lines.append(f"| {teacher} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
@@ -310,8 +435,47 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS)
     )
+    parser.add_argument(
+        "--pilot",
+        type=Path,
+        help="problems for the adaptive rows' warm start; default (demo recipe): generated",
+    )
+    parser.add_argument("--pilot-problems", type=int, default=50, help="problems in the pilot run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
+
+
+def pilot_problems(args: argparse.Namespace, base: Recipe, taken: Sequence[Problem]) -> list[Problem]:
+    """Problems none of the benchmark's: the --pilot file's, or held-out demo problems the shipped
+    set does not hold (drawn with another seed) for the demo recipe."""
+    questions = {p.question for p in taken}
+    if args.pilot is not None:
+        chosen = [p for p in load_problems(args.pilot).problems if p.question not in questions]
+        return chosen[: args.pilot_problems]
+    if Path(base.input.path).resolve() != (ROOT / "benchmarks/demo_models/problems.jsonl").resolve():
+        sys.exit("give --pilot PROBLEMS (other problems of the same kind) for the adaptive rows' warm start")
+    drawn = task.sample_problems(args.pilot_problems + len(questions), PILOT_SEED, "heldout")
+    fresh = [p for p in drawn if p.question not in questions][: args.pilot_problems]
+    return [Problem(f"pilot-{i:04d}", p.question, str(p.gold)) for i, p in enumerate(fresh)]
+
+
+def run_pilot(base: Recipe, pool, problems: Sequence[Problem], final_scorer: str, path: Path) -> dict:
+    """Every teacher on every beam (seed 0) over the pilot problems; its records are the warm start."""
+    from cordgen.engines.roles import build_roles
+    from cordgen.synth import synthesize
+
+    recipe = variant_recipe(base, VARIANTS[0], 0, final_scorer)
+    teachers, scorer = build_roles(recipe, pool)
+    records: list[TraceRecord] = []
+    started = time.perf_counter()
+    synthesize(problems, teachers, scorer, recipe, records.extend)
+    path.write_bytes(b"".join(r.to_json_line() for r in records))
+    generated = sum(sum(r.usage.generated_tokens.values()) for r in records)
+    return {
+        "problems": len(records),
+        "generated_tokens_per_problem": round(generated / len(records), 1),
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -324,23 +488,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     console = Console(stderr=True)
     base = load_recipe(args.config)
     problems = load_problems(base.input.path).problems[: args.problems]
-    demo = {p.question: task.parse_question(p.question) for p in problems}
+    demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
+    final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
+    for variant in [v for v in chosen if not has_judge(base, v)]:
+        console.print(
+            f"{variant.name}: skipped, no judge (no demo verifier; the recipe sets no scorer.verifier)"
+        )
+        chosen.remove(variant)
+    adaptive = any(v.schedule == "adaptive" for v in chosen)
+    pilot = pilot_problems(args, base, problems) if adaptive else []
+    scratch = tempfile.TemporaryDirectory(prefix="quality-pilot-")
+    warm_start = Path(scratch.name) / "pilot.jsonl"
+    pilot_report = None
     pool = EnginePool(base.placement)
     try:
         started = time.perf_counter()
         for variant in chosen:
-            recipe = variant_recipe(base, variant, seeds[0])
+            recipe = variant_recipe(base, variant, seeds[0], final_scorer)
             for engine in (*(t.engine for t in recipe.teachers), *recipe.scorer.engines()):
                 pool.model(engine)
         load_s = time.perf_counter() - started
         console.print(f"{len(pool)} engines loaded in {load_s:.0f} s")
+        if pilot:
+            pilot_report = run_pilot(base, pool, pilot, final_scorer, warm_start)
+            console.print(f"pilot (warm start): {json.dumps(pilot_report)}")
         variants = {}
         for variant in chosen:
             runs = []
             for seed in seeds:
-                recipe = variant_recipe(base, variant, seed)
+                recipe = variant_recipe(base, variant, seed, final_scorer, warm_start)
                 runs.append(run_variant(variant, recipe, pool, problems, demo))
                 console.print(f"{variant.name} (seed {seed}): {json.dumps(runs[-1])}")
             variants[variant.name] = {
@@ -354,11 +532,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             }
     finally:
         pool.shutdown()
+        scratch.cleanup()
     report = {
         "config": shown_path(args.config),
         "problems": len(problems),
         "seeds": seeds,
         "engine_load_s": round(load_s, 1),
+        "pilot": pilot_report,
         "variants": variants,
     }
     write_report(args.out, "quality", report, markdown(report))

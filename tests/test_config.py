@@ -82,3 +82,23 @@ def test_invalid_yaml_names_the_line(tmp_path):
 def test_missing_recipe(tmp_path):
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("search", "expected"),
+    [
+        (
+            "{adaptive: {min_teachers: 0}}",
+            "search.adaptive.min_teachers: Input should be greater than or equal to 1",
+        ),
+        ("{schedule: adaptive, strategy: curate}", "search.schedule: adaptive schedules step proposals"),
+        ("{schedule: some}", "search.schedule: Input should be 'all' or 'adaptive'"),
+        ("{adaptive: {phases: [2, 2]}}", "search.adaptive.phases: Value error, phases must be increasing"),
+        ("{adaptive: {floor: 1.5}}", "search.adaptive.floor: Input should be less than or equal to 1"),
+    ],
+)
+def test_a_bad_schedule_is_one_line_naming_the_field(tmp_path, search, expected):
+    path = write(tmp_path, VALID + f"search: {search}\n")
+    with pytest.raises(ConfigError) as error:
+        load_recipe(path)
+    assert expected in str(error.value) and "\n" not in str(error.value)

@@ -85,13 +85,44 @@ def test_judged_variants_ask_the_demo_verifier_as_it_was_trained_where_it_ships(
     data["scorer"]["engine"]["model"] = str(tmp_path / "scorer")
     base = Recipe.model_validate(data)
     variants = {v.name: v for v in quality.VARIANTS}
-    elsewhere = quality.variant_recipe(base, variants["cord, hybrid"], 1)
-    assert elsewhere.scorer.verifier == base.scorer.verifier  # no demo verifier: the recipe's judge
+    assert not quality.has_judge(base, variants["cord, hybrid"])  # skipped: nobody to ask
+    assert quality.has_judge(base, variants["cord"])
     (tmp_path / "verifier").mkdir()
-    hybrid = quality.variant_recipe(base, variants["cord, hybrid"], 1)
+    assert quality.has_judge(base, variants["cord, hybrid"])
+    hybrid = quality.variant_recipe(base, variants["cord, hybrid"], 1, "unused")
     assert hybrid.scorer.kind == "hybrid" and hybrid.seed == 1
     assert hybrid.scorer.verifier.engine.model == str(tmp_path / "verifier")
     assert hybrid.scorer.verifier.prompt == quality.JUDGE["prompt"]
     assert set(hybrid.scorer.engines().values()) == {"scorer", "scorer-verifier"}
-    assert quality.variant_recipe(base, variants["cord, random choice"], 0).scorer.engines() == {}
-    assert quality.variant_recipe(base, variants["cord"], 0).scorer == base.scorer
+    assert quality.variant_recipe(base, variants["cord, random choice"], 0, "unused").scorer.engines() == {}
+    assert quality.variant_recipe(base, variants["cord"], 0, "unused").scorer == base.scorer
+
+
+def test_the_schedule_tables_give_tokens_saved_and_who_wins_each_phase():
+    saved = quality.tokens_saved_table({"a": 100.0, "c": 140.0}, {"a": 80.0, "c": 14.0})
+    assert "| c | 140 | 14 | 90.0% |" in saved and "| all | 240 | 94 | 60.8% |" in saved
+    proposals = {
+        "a": {
+            "1": {"asked": 10, "kept": 10, "won": 6, "tokens": 50},
+            "3-4": {"asked": 20, "kept": 12, "won": 3},
+        },
+        "c": {
+            "1": {"asked": 10, "kept": 2, "won": 2, "tokens": 70},
+            "3-4": {"asked": 0, "kept": 0, "won": 0},
+        },
+    }
+    table = quality.phase_wins_table("cord", proposals)
+    assert "| teacher | steps 1 | steps 3-4 |" in table
+    assert "| a | 75.0% (60.0%, 100.0%) | 100.0% (15.0%, 60.0%) |" in table
+    assert "| c | 25.0% (20.0%, 20.0%) | - |" in table
+
+
+def test_a_recipe_of_other_problems_is_measured_without_the_demo_checker():
+    from tests.helpers import make_record
+
+    records = [make_record("q0"), make_record("q1").model_copy(update={"answer": "7"})]  # right, wrong
+    measured = quality.measure(records, {}, 1.0, (1, 2))
+    assert measured["answer_accuracy"] == 0.5 and measured["generated_tokens_per_problem"] == 13
+    assert measured["step_validity"] is None and measured["sound_and_correct"] is None
+    summary = quality.mean_over_seeds([measured, measured])
+    assert summary["answer_accuracy"] == 0.5 and summary["step_validity"] is None

@@ -264,3 +264,58 @@ def test_shards_merged_equal_one_unsharded_run(
     assert_same_records(sorted(merged, key=lambda r: r.id), whole)
     reseeded = run("reseeded", None, seed=4)
     assert_another_seed_changes_each(whole[-3:], reseeded[-3:])  # u0..u2, after m0..m9
+
+
+def test_an_adaptive_schedule_decides_alike_whole_resumed_and_sharded(
+    tmp_path, tiny_model_dirs, engine_pool, alpha_model, beta_model
+):
+    """Its draws are keyed like the seeds and its statistic is each problem's own plus a fixed
+    warm start, so a run stopped by SIGTERM mid-round and resumed, and three shards merged, ask
+    the same teachers and keep the same steps as one uninterrupted run."""
+    from cordgen.synth import GracefulStop, Interrupted
+
+    pilot = recipe_data(tiny_model_dirs, max_steps=3)
+    pilot_rows = [
+        {"id": f"m{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(make_problems(6, 7))
+    ]
+    (tmp_path / "pilot.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in pilot_rows))
+    pilot |= {"input": {"path": str(tmp_path / "pilot.jsonl")}, "output": {"path": str(tmp_path / "pilot")}}
+    execute(plan_run(Recipe.model_validate(pilot)), NoObserver(), lambda records: None, pool=engine_pool)
+    data = recipe_data(tiny_model_dirs, max_steps=3)
+    data["search"] |= {
+        "schedule": "adaptive",
+        "adaptive": {
+            "warm_start": str(tmp_path / "pilot"),
+            "relative_threshold": 1.0,
+            "floor": 0.3,
+            "min_teachers": 1,
+        },
+    }
+    rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in unseen_inputs(6)]
+    (tmp_path / "problems.jsonl").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    data["input"] = {"path": str(tmp_path / "problems.jsonl")}
+
+    def plan(out: str, shard: Shard | None = None):
+        return plan_run(Recipe.model_validate({**data, "output": {"path": str(tmp_path / out)}}), shard)
+
+    def records(out: str) -> list[TraceRecord]:
+        return sorted(RunDirectory(tmp_path / out).records(), key=lambda r: r.id)
+
+    execute(plan("whole"), NoObserver(), lambda records: None, pool=engine_pool)
+    whole = records("whole")
+
+    def asked(record: TraceRecord, teacher: str) -> dict[str, int]:
+        return {step: c.asked for step, c in record.usage.proposals.get(teacher, {}).items()}
+
+    assert any(asked(r, "alpha") != asked(r, "beta") for r in whole)  # some beams asked one teacher
+    with GracefulStop(lambda message: None) as stop, pytest.raises(Interrupted):
+        execute(
+            plan("resumed"), NoObserver(), lambda records: None, stop, pool=SignallingPool(engine_pool, 2)
+        )
+    assert len(records("resumed")) < len(whole)
+    execute(plan("resumed"), NoObserver(), lambda records: None, pool=engine_pool)
+    assert_same_records(records("resumed"), whole)
+    for i in range(3):
+        execute(plan(f"shard{i}", Shard(i, 3)), NoObserver(), lambda records: None, pool=engine_pool)
+    merge_runs([tmp_path / f"shard{i}" for i in range(3)], tmp_path / "merged")
+    assert_same_records(records("merged"), whole)

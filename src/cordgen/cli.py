@@ -133,6 +133,12 @@ def synth(
     beam_width: int | None = typer.Option(None, "--beam-width", help="B: trajectories kept per problem."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Rounds before live beams are closed."),
     strategy: str | None = typer.Option(None, "--strategy", help="cord | single | curate"),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="all (every teacher on every beam) | adaptive (a subset per beam)"
+    ),
+    warm_start: Path | None = typer.Option(
+        None, "--warm-start", help="adaptive: a finished run (or its records) whose counts are the prior."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Base of every sampling seed."),
     shard: str | None = typer.Option(
         None, "--shard", help="i/N: only the problems whose id hashes to shard i."
@@ -159,6 +165,8 @@ def synth(
         beam_width=beam_width,
         max_steps=max_steps,
         strategy=strategy,
+        schedule=schedule,
+        warm_start=warm_start,
         seed=seed,
         split=split,
         id_field=id_field,
@@ -181,7 +189,7 @@ def synth(
 def run_synth(plan, quiet: bool, verbose: bool) -> None:
     from rich.console import Console
 
-    from cordgen.progress import RecordTally, RichProgress
+    from cordgen.progress import RecordTally, RichProgress, phase_table
     from cordgen.synth import GracefulStop, Interrupted, NoObserver, execute
 
     console = Console(stderr=True, quiet=quiet)
@@ -205,6 +213,9 @@ def run_synth(plan, quiet: bool, verbose: bool) -> None:
         typer.echo(f"interrupted; re-run {again} to resume ({plan.run_dir.path})", err=True)
         raise typer.Exit(INTERRUPTED) from None
     console.print(tally.table())
+    phases = phase_table(tally.records, plan.recipe.search.adaptive.phases)
+    if phases is not None:
+        console.print(phases)
     console.print(f"results: {plan.run_dir.results_path}")
 
 

@@ -25,6 +25,9 @@ THROUGHPUT: dict[str, Any] = {"throughput": True}
 # Marks a setting added after runs were made with its default: it enters the semantic hash only
 # when set to something else, so those runs still resume.
 HASHED_UNLESS_DEFAULT: dict[str, Any] = {"hashed_unless_default": True}
+# Marks a path whose file's content, not its name, changes results: the semantic hash holds the
+# file's digest, so the file may move but not change between sessions.
+CONTENT_HASHED: dict[str, Any] = {"content_hashed": True}
 
 
 class StrictModel(BaseModel):
@@ -359,8 +362,72 @@ class ScorerConfig(StrictModel):
 Strategy = Literal["cord", "single", "curate"]
 
 
+Schedule = Literal["all", "adaptive"]
+Credit = Literal["final", "round"]
+
+
+class AdaptiveSettings(StrictModel):
+    """`search.schedule: adaptive`: which teachers propose on a beam, from a Beta posterior of
+    "a proposal of this teacher at this phase was kept" (see `cordgen.schedule`)."""
+
+    phases: tuple[int, ...] = Field(
+        (1, 2, 4, 8, 16, 32),
+        min_length=1,
+        description="the last step index of each phase but the open-ended last one: 1, 2, 3-4, 5-8, ...",
+    )
+    credit: Credit = Field(
+        "final",
+        description="what counts as a teacher's win: final, a step of a result trace (the warm start's "
+        "records tell); round, a step that survived its round's selection (also this problem's own so far)",
+    )
+    relative_threshold: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="a teacher is asked where its sampled keep rate is at least this share of the best one's",
+    )
+    fill_beams: bool = Field(
+        False,
+        description="ask every teacher on a problem whose frontier holds fewer than beam_width beams: "
+        "every distinct step then becomes a beam, and such rounds are the cheap ones",
+    )
+    floor: float = Field(
+        0.1, ge=0, le=1, description="each teacher is asked at least this often on each beam"
+    )
+    min_teachers: int = Field(
+        2,
+        ge=1,
+        description="teachers asked on each beam, at the least (every one, where there are fewer): "
+        "two keep a choice between candidates on every beam",
+    )
+    prior_strength: float = Field(
+        1.0,
+        ge=0,
+        description="what one proposal of the warm start counts for: below 1, a large warm start "
+        "weighs less against this problem's own counts",
+    )
+    warm_start: str | None = Field(
+        None,
+        description="a finished run directory or records JSONL; its per-teacher, per-phase counts: the prior",
+        json_schema_extra=CONTENT_HASHED,
+    )
+
+    @field_validator("phases")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if value[0] < 1 or any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"phases must be increasing step indexes from 1, got {list(value)}")
+        return value
+
+
 class SearchConfig(StrictModel):
     strategy: Strategy = Field("cord", description="cord | single (one teacher) | curate (best whole trace)")
+    schedule: Schedule = Field(
+        "all",
+        description="all: every teacher on every beam (the paper); adaptive: a subset per beam",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
+    adaptive: AdaptiveSettings = Field(AdaptiveSettings(), json_schema_extra=HASHED_UNLESS_DEFAULT)
     beam_width: int = Field(4, ge=1, description="B: partial trajectories kept per problem")
     max_steps: int = Field(64, ge=1, description="rounds before a problem's live beams are closed")
     thinking_budget: int = Field(16384, gt=0, description="tokens of thinking before a beam is closed")
@@ -459,6 +526,8 @@ class Recipe(StrictModel):
             raise ValueError(f"duplicate teacher name(s): {', '.join(duplicates)}")
         if self.search.strategy == "single" and len(self.teachers) != 1:
             raise ValueError(f"strategy 'single' needs exactly one teacher, got {len(self.teachers)}")
+        if self.search.schedule == "adaptive" and self.search.strategy == "curate":
+            raise ValueError("search.schedule: adaptive schedules step proposals; strategy 'curate' has none")
         return self
 
 
@@ -588,8 +657,8 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     """The recipe file (if any) with command-line overrides applied and validated again.
 
     `overrides` keys: teachers (list of names/models), scorer, input, out, beam_width,
-    max_steps, strategy, seed, and the `input:` settings split, id_field, question_field,
-    answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
+    max_steps, strategy, schedule, warm_start, seed, and the `input:` settings split, id_field,
+    question_field, answer_field, answer_from; None means "keep the recipe's". Without a recipe, the first
     teacher also scores, as the paper's strongest teacher does.
     """
     recipe = load_recipe(path) if path is not None else None
@@ -607,9 +676,11 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     data["teachers"] = [t.model_dump() for t in teachers]
     data["scorer"] = scorer.model_dump()
     search = data.setdefault("search", {})
-    for key in ("beam_width", "max_steps", "strategy"):
+    for key in ("beam_width", "max_steps", "strategy", "schedule"):
         if key in given:
             search[key] = given[key]
+    if "warm_start" in given:
+        search.setdefault("adaptive", {})["warm_start"] = str(given["warm_start"])
     if "seed" in given:
         data["seed"] = given["seed"]
     inputs = data.setdefault("input", {})
@@ -623,7 +694,7 @@ def resolve_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe
     return _validated(data, "command line" if recipe is None else f"{path} with command-line overrides")
 
 
-def semantic_view(model: BaseModel) -> dict[str, Any]:
+def semantic_view(model: BaseModel, prefix: str = "") -> dict[str, Any]:
     """The settings that change results (models, prompts, search, sampling, seeds), as plain data."""
     view: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
@@ -632,12 +703,27 @@ def semantic_view(model: BaseModel) -> dict[str, Any]:
             field.json_schema_extra == HASHED_UNLESS_DEFAULT and value == field.default
         ):
             continue
-        if isinstance(value, BaseModel):
-            value = semantic_view(value)
+        if field.json_schema_extra == CONTENT_HASHED and value is not None:
+            value = f"sha256:{content_digest(value, prefix + name)}"
+        elif isinstance(value, BaseModel):
+            value = semantic_view(value, f"{prefix}{name}.")
         elif isinstance(value, list):
             value = [semantic_view(v) if isinstance(v, BaseModel) else v for v in value]
         view[name] = value
     return view
+
+
+def records_file(path: str | Path) -> Path:
+    """A run directory's records, or the records file itself."""
+    path = Path(path)
+    return path / "results.jsonl" if path.is_dir() else path
+
+
+def content_digest(path: str | Path, field: str) -> str:
+    file = records_file(path)
+    if not file.is_file():
+        raise ConfigError(f"{field}: no records at {file}")
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def semantic_hash(recipe: Recipe) -> str:

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cordgen.compat import TeacherSummary
 from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.schedule import by_phase, phase_labels
 from cordgen.scoring import Trace, percentile
 from cordgen.synth import RoundReport
 
@@ -137,6 +138,36 @@ class RecordTally:
             f"scorer tokens {scored:,} ({computed:,} computed) · {time.perf_counter() - self.started:.1f} s"
         )
         return table
+
+
+def short(count: int) -> str:
+    """12345 as 12.3k: a table cell that fits a terminal."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)
+
+
+def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table | None:
+    """Per teacher and phase of the trace (step indexes): proposals won (steps of result traces),
+    kept (survived their round's selection) and asked, and the tokens they cost; None where
+    nothing was proposed step by step (curation, records made before proposals were counted)."""
+    cells = by_phase((r.usage for r in records), phases)
+    if not cells:
+        return None
+    labels = phase_labels(phases)
+    table = Table(title="proposals by phase (steps): won / kept / asked, tokens", show_header=True)
+    table.add_column("teacher")
+    used = sorted({phase for _, phase in cells})
+    for phase in used:
+        table.add_column(f"steps {labels[phase]}", justify="right")
+    for teacher in sorted({t for t, _ in cells}):
+        row = [teacher]
+        for phase in used:
+            c = cells.get((teacher, phase))
+            row.append(f"{c.won}/{c.kept}/{c.asked} {short(c.tokens)}" if c and c.asked else "-")
+        table.add_row(*row)
+    return table
 
 
 def score_summary(

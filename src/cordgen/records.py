@@ -52,15 +52,30 @@ class TrajectoryRecord(RecordModel):
     final_answer: FinalAnswerRecord | None = None
 
 
+class ProposalCounts(RecordModel):
+    """One teacher's step proposals at one step index of one problem."""
+
+    asked: int = 0  # proposals requested (samples: n per beam the teacher was asked on)
+    kept: int = 0  # distinct proposed steps that survived the round's selection
+    won: int = 0  # of those, steps of the problem's result trace
+    tokens: int = 0  # tokens generated for those proposals
+
+
 class Usage(RecordModel):
     rounds: int = 0
     generated_tokens: dict[str, int] = Field(default_factory=dict)  # per teacher, answers included
     scored_requests: int = 0
     scored_tokens: int = 0  # prompt tokens sent to the scorer
     scored_tokens_computed: int = 0  # of those, not served from the prefix cache
+    # Per teacher, per step index (a JSON key: "1", "2", ...): what the scheduler learns from and
+    # what the summaries bucket into phases. Empty in records made before it existed.
+    proposals: dict[str, dict[str, ProposalCounts]] = Field(default_factory=dict)
 
     def add_generated(self, teacher: str, tokens: int) -> None:
         self.generated_tokens[teacher] = self.generated_tokens.get(teacher, 0) + tokens
+
+    def at(self, teacher: str, step: int) -> ProposalCounts:
+        return self.proposals.setdefault(teacher, {}).setdefault(str(step), ProposalCounts())
 
 
 class TraceRecord(RecordModel):

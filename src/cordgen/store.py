@@ -20,9 +20,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from cordgen import __version__
-from cordgen.config import Recipe, describe_differences, semantic_hash, semantic_view
-from cordgen.errors import CordgenError
-from cordgen.records import ScoreRecord, TraceRecord
+from cordgen.config import Recipe, describe_differences, records_file, semantic_hash, semantic_view
+from cordgen.errors import ConfigError, CordgenError
+from cordgen.records import ScoreRecord, TraceRecord, Usage
 
 RESULTS = "results.jsonl"
 CONFIG = "config.yaml"
@@ -240,6 +240,24 @@ class MergeReport(BaseModel):
     duplicates: int  # the same problem, identical record, in more than one source
     conflicts: list[str]  # the same problem with different records: the first source's is kept
     missing: list[str]  # problems of the input in no source
+
+
+def warm_start_usages(path: str | Path) -> list[Usage]:
+    """The usage of every record of a finished run (a run directory or a records JSONL), for the
+    adaptive schedule's prior; refused where no record counts proposals (made before they were)."""
+    file = records_file(path)
+    field = "search.adaptive.warm_start"
+    if not file.is_file():
+        raise ConfigError(f"{field}: no records at {file}")
+    usages = []
+    for row in JsonlLog(file).rows():
+        try:
+            usages.append(Usage.model_validate(row.get("usage", {})))
+        except ValidationError:
+            raise ConfigError(f"{field}: {file}: record {row['id']!r} has no valid usage") from None
+    if not any(u.proposals for u in usages):
+        raise ConfigError(f"{field}: {file} counts no proposals (records of an older cordgen)")
+    return usages
 
 
 def input_ids(manifest: Manifest) -> list[str] | None:

@@ -1,9 +1,10 @@
 """The synthesis loop: all problems advance in lockstep, engine calls stay batched at the edge.
 
-Per round, each teacher gets ONE propose call holding every live beam of every live problem and
-the scorer ONE call holding every distinct candidate; the choices between calls are the pure
-functions of `cordgen.search`. Problems leave the batch as they finish, and their records go to
-the sink at once.
+Per round, each teacher gets ONE propose call holding every live beam of every live problem it is
+asked on (every one under `search.schedule: all`; see `cordgen.schedule`) and the scorer ONE call
+holding every distinct candidate; the choices between calls are the pure functions of
+`cordgen.search` and `cordgen.schedule`. Problems leave the batch as they finish, and their
+records go to the sink at once.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from cordgen.errors import ConfigError, CordgenError
 from cordgen.problems import Problem, Shard, describe_unanswered, load_problems
 from cordgen.prompts import split_trace
 from cordgen.records import TraceRecord, Usage, trajectory_record
+from cordgen.schedule import Prior, Scheduler, by_phase, prior_from, record_kept, record_won
 from cordgen.search import (
     Beam,
     Candidate,
@@ -47,7 +49,7 @@ from cordgen.search import (
     collapse,
     out_of_context,
 )
-from cordgen.store import ENGINE_LOG, InputInfo, Manifest, ReplicaRound, RunDirectory, now
+from cordgen.store import ENGINE_LOG, InputInfo, Manifest, ReplicaRound, RunDirectory, now, warm_start_usages
 from cordgen.windows import window_notes
 
 RecordSink = Callable[[Sequence[TraceRecord]], None]  # one call per round
@@ -147,7 +149,10 @@ def beam_search(run: Run, problems: Sequence[Problem]) -> None:
     every round waits for its scores, as the search needs them before the next proposal."""
     count = run.recipe.search.pipeline_groups
     size = -(-len(problems) // count) if problems else 1
-    groups = [ProblemGroup(run, list(problems[i : i + size])) for i in range(0, len(problems), size)]
+    scheduler = scheduler_for(run)
+    groups = [
+        ProblemGroup(run, list(problems[i : i + size]), scheduler) for i in range(0, len(problems), size)
+    ]
     pending: Pending | None = None
     turn = 0
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cordgen-scorer") as scoring:
@@ -165,6 +170,16 @@ def beam_search(run: Run, problems: Sequence[Problem]) -> None:
             settle(pending)
             pending = (group, step, scoring.submit(group.score, step))
         settle(pending)
+
+
+def scheduler_for(run: Run) -> Scheduler:
+    """The run's teacher schedule; an adaptive one's warm start is read once, before round 1."""
+    search = run.recipe.search
+    prior: Prior = {}
+    if search.schedule == "adaptive" and search.adaptive.warm_start is not None:
+        cells = by_phase(warm_start_usages(search.adaptive.warm_start), search.adaptive.phases)
+        prior = prior_from(cells, search.adaptive.prior_strength, search.adaptive.credit)
+    return Scheduler(tuple(run.teachers), run.recipe.seed, search.schedule, search.adaptive, prior)
 
 
 def settle(pending: Pending | None) -> None:
@@ -190,11 +205,12 @@ Pending = tuple["ProblemGroup", GroupRound, Future[Scores]]
 
 
 class ProblemGroup:
-    """Problems that advance in lockstep: per round, ONE propose call per teacher and ONE
-    scorer call over all of them."""
+    """Problems that advance in lockstep: per round, at most ONE propose call per teacher and
+    ONE scorer call over all of them."""
 
-    def __init__(self, run: Run, problems: list[Problem]) -> None:
+    def __init__(self, run: Run, problems: list[Problem], scheduler: Scheduler) -> None:
         self.run = run
+        self.scheduler = scheduler
         self.live = problems
         self.searches = {p.id: ProblemSearch() for p in problems}
         self.usage = {p.id: Usage() for p in problems}
@@ -204,7 +220,9 @@ class ProblemGroup:
         self.rounds += 1
         beams = sum(len(self.searches[p.id].frontier) for p in self.live)
         report = RoundReport(self.rounds, len(self.live), beams)
-        proposals = propose_round(self.run, self.live, self.searches, self.rounds, self.usage, report)
+        proposals = propose_round(
+            self.run, self.live, self.searches, self.rounds, self.usage, report, self.scheduler
+        )
         return GroupRound(
             report,
             {p.id: collapse(proposals[p.id], self.rounds) for p in self.live},
@@ -221,6 +239,7 @@ class ProblemGroup:
             values = [None if s is None else s.score for s in scores[p.id]]
             self.searches[p.id] = self.searches[p.id].advance(candidates, values, config, step.full[p.id])
             self.usage[p.id].rounds = self.rounds
+            record_kept(self.usage[p.id], self.searches[p.id], self.rounds)
         finishing = [p for p in self.live if self.searches[p.id].done(config)]
         outcomes = {p.id: self.searches[p.id].outcome() for p in finishing}
         finish_problems(self.run, finishing, outcomes, self.usage, step.report)
@@ -236,30 +255,43 @@ def propose_round(
     round_index: int,
     usage: Mapping[str, Usage],
     report: RoundReport,
+    scheduler: Scheduler,
 ) -> dict[str, list[tuple[int, StepCandidate]]]:
-    """ONE propose call per teacher over every live beam; per problem, proposals in (parent,
-    teacher, sample) order. Seeds are keyed by (problem, round, beam, teacher, sample)."""
+    """ONE propose call per teacher over the live beams the scheduler asks it on (none where it
+    is asked on none); per problem, proposals in (parent, teacher, sample) order. Seeds are keyed
+    by (problem, round, beam, teacher, sample)."""
     slots = [(p, parent, beam) for p in live for parent, beam in enumerate(searches[p.id].frontier)]
+    width = run.recipe.search.beam_width
+    asked = [
+        scheduler.teachers_for(
+            p.id, round_index, parent, len(beam.steps) + 1, usage[p.id], len(searches[p.id].frontier) < width
+        )
+        for p, parent, beam in slots
+    ]
     samples = {t.name: t.sampling.n for t in run.recipe.teachers}
 
-    def propose(name: str) -> list[list[StepCandidate]]:
+    def propose(name: str) -> dict[int, list[StepCandidate]]:
+        mine = [i for i, names in enumerate(asked) if name in names]
         requests = [
             ProposeRequest(p.question, beam.texts, samples[name], (p.id, round_index, parent), p.id)
-            for p, parent, beam in slots
+            for p, parent, beam in (slots[i] for i in mine)
         ]
         started = time.perf_counter()
         candidates = run.teachers[name].propose(requests)
         report.teacher_timed(name, started)
-        return candidates
+        return dict(zip(mine, candidates))
 
     started = time.perf_counter()
-    results = in_parallel(propose, list(run.teachers))
+    results = in_parallel(propose, [t for t in run.teachers if any(t in names for names in asked)])
     report.engine_timed(started)
     proposals: dict[str, list[tuple[int, StepCandidate]]] = {p.id: [] for p in live}
-    for slot, (problem, parent, _) in enumerate(slots):
-        for name in run.teachers:
+    for slot, (problem, parent, beam) in enumerate(slots):
+        for name in asked[slot]:
+            counts = usage[problem.id].at(name, len(beam.steps) + 1)
+            counts.asked += samples[name]
             for candidate in results[name][slot]:
                 proposals[problem.id].append((parent, candidate))
+                counts.tokens += candidate.num_tokens
                 usage[problem.id].add_generated(name, candidate.num_tokens)
                 report.generated_tokens[name] = report.generated_tokens.get(name, 0) + candidate.num_tokens
     return proposals
@@ -268,8 +300,8 @@ def propose_round(
 def in_parallel(call: Callable[[str], Any], names: Sequence[str]) -> dict[str, Any]:
     """One call per teacher, all in flight at once: each engine runs in its own process (vLLM's
     engine core, or a cordgen worker), so teachers on separate devices generate concurrently."""
-    if len(names) == 1:
-        return {names[0]: call(names[0])}
+    if len(names) <= 1:
+        return {name: call(name) for name in names}
     with ThreadPoolExecutor(max_workers=len(names)) as executor:
         futures = {name: executor.submit(call, name) for name in names}
     return {name: future.result() for name, future in futures.items()}
@@ -332,6 +364,7 @@ def finish_problems(
     for p in finishing:
         result = outcomes[p.id][0]
         by_teacher.setdefault(result.steps[-1].teacher if result.steps else first_teacher, []).append(p)
+        record_won(usage[p.id], result)
     answers = {}
     for name, group in by_teacher.items():
         requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,), p.id) for p in group]
@@ -525,6 +558,8 @@ def plan_run(recipe: Recipe, shard: Shard | None = None, overwrite: bool = False
     loaded = load_problems(recipe.input.path, **recipe.input.model_dump(exclude={"path"}))
     notes = tuple(window_notes(recipe, loaded.problems))
     check_scorer_tokens(recipe.scorer, recipe.format)
+    if recipe.search.schedule == "adaptive" and recipe.search.adaptive.warm_start is not None:
+        warm_start_usages(recipe.search.adaptive.warm_start)
     if loaded.unanswered:
         notes += (describe_unanswered(loaded.unanswered, recipe.input.answer_from),)
     chosen = tuple(p for p in loaded.problems if shard is None or shard.holds(p))

@@ -11,7 +11,6 @@ given as token ids that the roles build with the model's own tokenizer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +18,9 @@ from typing import Any, Protocol
 
 from cordgen.errors import EngineError
 from cordgen.search import FinalAnswer, StepCandidate
+from cordgen.seeds import derive_seed as derive_seed  # re-exported: engines seed their sampling with it
 
 SeedKey = tuple[str | int, ...]
-
-
-def derive_seed(base: int, *key: str | int) -> int:
-    """A sampling seed that depends on the caller's key alone, never on batch composition, so a
-    resumed or re-batched run samples exactly what an uninterrupted one did."""
-    material = "\x1f".join(str(part) for part in (base, *key)).encode()
-    return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big") % (2**31 - 1)
 
 
 @dataclass(frozen=True)
