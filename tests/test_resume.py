@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -192,10 +193,10 @@ def test_a_second_signal_exits_at_once_with_whole_lines_only(workdir, uninterrup
 
 class SignalDuringRound:
     """An engine that sends this process SIGTERM from inside the propose call of one round, as
-    a scheduler's signal lands mid-round."""
+    a scheduler's signal lands mid-round. Once per pool: a second SIGTERM means "stop at once"."""
 
-    def __init__(self, model, marker: str, at_round: int) -> None:
-        self.model, self.marker, self.at_round, self.rounds = model, marker, at_round, 0
+    def __init__(self, model, marker: str, at_round: int, pool: SignallingPool) -> None:
+        self.model, self.marker, self.at_round, self.rounds, self.pool = model, marker, at_round, 0, pool
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
@@ -203,20 +204,26 @@ class SignalDuringRound:
     def sample(self, requests):
         if requests and self.marker in requests[0].stop:
             self.rounds += 1
-            if self.rounds == self.at_round:
+            if self.rounds == self.at_round and self.pool.first_signal():
                 os.kill(os.getpid(), signal.SIGTERM)
         return self.model.sample(requests)
 
 
 class SignallingPool:
     def __init__(self, pool, at_round: int) -> None:
-        self.pool, self.at_round = pool, at_round
+        self.pool, self.at_round, self.signalled = pool, at_round, False
+        self.lock = threading.Lock()  # teachers propose in threads
+
+    def first_signal(self) -> bool:
+        with self.lock:
+            first, self.signalled = not self.signalled, True
+            return first
 
     def load(self, labels) -> None:
         self.pool.load(labels)
 
     def model(self, settings):
-        return SignalDuringRound(self.pool.model(settings), "### Step", self.at_round)
+        return SignalDuringRound(self.pool.model(settings), "### Step", self.at_round, self)
 
     def replica_seconds(self) -> dict:
         return {}
