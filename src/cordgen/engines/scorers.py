@@ -83,26 +83,24 @@ class PredictiveReading:
         return AnswerScore(span.logprobs, len(prompt.prompt), span.num_cached_tokens, rescored)
 
 
-def verdict_token(chat: ChatPrompt, verdict: str, field: str, model: str) -> int:
-    ids = chat.encode(verdict)
+def single_token(chat: ChatPrompt, text: str, field: str, role: str, model: str) -> int:
+    """The one token `text` is in the model's tokenizer; a recipe naming several is one line."""
+    ids = chat.encode(text)
     if len(ids) != 1:
         pieces = [chat.tokenizer.decode([i]) for i in ids]
         raise ConfigError(
-            f"scorer.verifier.{field}: {verdict!r} is {len(ids)} tokens of {model}'s tokenizer "
-            f"({', '.join(map(repr, pieces))}); a verdict must be one token"
+            f"{field}: {text!r} is {len(ids)} tokens of {model}'s tokenizer "
+            f"({', '.join(map(repr, pieces))}); {role} must be one token"
         )
     return ids[0]
+
+
+def verdict_token(chat: ChatPrompt, verdict: str, field: str, model: str) -> int:
+    return single_token(chat, verdict, f"scorer.verifier.{field}", "a verdict", model)
 
 
 def separator_token(chat: ChatPrompt, separator: str, model: str) -> int:
-    ids = chat.encode(separator)
-    if len(ids) != 1:
-        pieces = [chat.tokenizer.decode([i]) for i in ids]
-        raise ConfigError(
-            f"scorer.prm.separator: {separator!r} is {len(ids)} tokens of {model}'s tokenizer "
-            f"({', '.join(map(repr, pieces))}); the separator must be one token"
-        )
-    return ids[0]
+    return single_token(chat, separator, "scorer.prm.separator", "the separator", model)
 
 
 def check_scorer_tokens(scorer: ScorerConfig, fmt: StepFormat) -> None:
