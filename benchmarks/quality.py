@@ -58,13 +58,13 @@ class Variant:
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
     schedule: str = "all"  # adaptive: warm-started from the pilot run
-    fill_beams: bool = False  # adaptive: every teacher while a problem's frontier is short of B
+    fill_beams: bool = True  # adaptive: every teacher where the frontier could not fill B (the default)
 
 
 VARIANTS = (
     Variant("cord", "main"),
     Variant("adaptive", "main", schedule="adaptive"),
-    Variant("adaptive+fill", "main", schedule="adaptive", fill_beams=True),
+    Variant("adaptive, no fill", "main", schedule="adaptive", fill_beams=False),
     Variant("single teacher-a", "main", "single", ("teacher-a",)),
     Variant("single teacher-b", "main", "single", ("teacher-b",)),
     Variant("single teacher-c", "main", "single", ("teacher-c",)),

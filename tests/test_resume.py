@@ -296,6 +296,7 @@ def test_an_adaptive_schedule_decides_alike_whole_resumed_and_sharded(
             "relative_threshold": 1.0,
             "floor": 0.3,
             "min_teachers": 1,
+            "fill_beams": False,
         },
     }
     rows = [{"id": p.id, "question": p.question, "answer": p.answer} for p in unseen_inputs(6)]

@@ -147,12 +147,22 @@ def test_a_problem_asks_a_teacher_less_after_its_own_beams_dropped_its_steps():
     assert share_of_c(dropped) < 0.2 < 0.8 < share_of_c(kept)
 
 
-def test_fill_beams_asks_every_teacher_while_the_frontier_is_short_of_the_beam_width():
-    settings = AdaptiveSettings(phases=(64,), floor=0.0, min_teachers=1, fill_beams=True)
-    scheduler = hopeless_c(0.0)
-    scheduler = Scheduler(TEACHERS, 3, "adaptive", settings, scheduler.prior)
-    assert all(scheduler.teachers_for(f"p{i}", 1, 0, 1, Usage(), filling=True) == TEACHERS for i in range(20))
-    assert all("c" not in scheduler.teachers_for(f"p{i}", 3, 0, 3, Usage()) for i in range(20))
+def test_fill_beams_asks_every_teacher_where_the_frontier_could_not_fill_the_beam_width():
+    settings = AdaptiveSettings(phases=(64,), floor=0.0, min_teachers=2, fill_beams=True)
+    scheduler = Scheduler(TEACHERS, 3, "adaptive", settings, hopeless_c(0.0).prior, beam_width=4)
+    # one beam (the first round), two teachers each: 2 proposals for 4 beams
+    assert all(scheduler.teachers_for(f"p{i}", 1, 0, 1, Usage(), frontier=1) == TEACHERS for i in range(20))
+    # two beams, two teachers each, can fill four: the statistic decides
+    assert all("c" not in scheduler.teachers_for(f"p{i}", 3, 0, 3, Usage(), frontier=2) for i in range(20))
+    no_fill = settings.model_copy(update={"fill_beams": False})
+    unfilled = Scheduler(TEACHERS, 3, "adaptive", no_fill, scheduler.prior)
+    assert all("c" not in unfilled.teachers_for(f"p{i}", 1, 0, 1, Usage(), frontier=1) for i in range(20))
+
+
+def test_exploring_adds_a_teacher_and_never_displaces_the_chosen_ones():
+    settings = AdaptiveSettings(relative_threshold=1.0, floor=0.5, min_teachers=2)
+    draws = {"a": Draw(0.8, 0.9), "b": Draw(0.4, 0.9), "c": Draw(0.1, 0.2)}
+    assert choose(draws, settings) == ("a", "b", "c")  # c explores on top of a and b
 
 
 def test_all_asks_every_teacher():

@@ -387,12 +387,12 @@ class AdaptiveSettings(StrictModel):
         description="a teacher is asked where its sampled keep rate is at least this share of the best one's",
     )
     fill_beams: bool = Field(
-        False,
-        description="ask every teacher on a problem whose frontier holds fewer than beam_width beams: "
-        "every distinct step then becomes a beam, and such rounds are the cheap ones",
+        True,
+        description="ask every teacher on a problem whose frontier, asking min_teachers per beam, could "
+        "not fill beam_width (the first round, mostly): each distinct step becomes a beam, and it is cheap",
     )
     floor: float = Field(
-        0.1, ge=0, le=1, description="each teacher is asked at least this often on each beam"
+        0.05, ge=0, le=1, description="each teacher is asked at least this often on each beam"
     )
     min_teachers: int = Field(
         2,

@@ -179,7 +179,9 @@ def scheduler_for(run: Run) -> Scheduler:
     if search.schedule == "adaptive" and search.adaptive.warm_start is not None:
         cells = by_phase(warm_start_usages(search.adaptive.warm_start), search.adaptive.phases)
         prior = prior_from(cells, search.adaptive.prior_strength, search.adaptive.credit)
-    return Scheduler(tuple(run.teachers), run.recipe.seed, search.schedule, search.adaptive, prior)
+    return Scheduler(
+        tuple(run.teachers), run.recipe.seed, search.schedule, search.adaptive, prior, search.beam_width
+    )
 
 
 def settle(pending: Pending | None) -> None:
@@ -261,10 +263,9 @@ def propose_round(
     is asked on none); per problem, proposals in (parent, teacher, sample) order. Seeds are keyed
     by (problem, round, beam, teacher, sample)."""
     slots = [(p, parent, beam) for p in live for parent, beam in enumerate(searches[p.id].frontier)]
-    width = run.recipe.search.beam_width
     asked = [
         scheduler.teachers_for(
-            p.id, round_index, parent, len(beam.steps) + 1, usage[p.id], len(searches[p.id].frontier) < width
+            p.id, round_index, parent, len(beam.steps) + 1, usage[p.id], len(searches[p.id].frontier)
         )
         for p, parent, beam in slots
     ]
