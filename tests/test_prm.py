@@ -5,9 +5,6 @@ forward pass, synthesis with kind prm and with a hybrid over the predictive scor
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 from collections import Counter
 from dataclasses import replace
 
@@ -100,22 +97,15 @@ def test_a_hybrid_with_a_prm_reads_each_engine_once_a_round_and_records_both_kin
 @pytest.fixture(scope="module")
 def prm_server(tiny_prm_dir, prm_model, tmp_path_factory):
     """`vllm serve` of the tiny PRM, its pooler reading at our separator."""
-    from tests.test_remote import free_port, server_command, wait_healthy
+    from tests.test_remote import free_port, server_command, serving
 
     separator = prm_model.tokenizer.convert_tokens_to_ids(SEPARATOR)
     port, log = free_port(), tmp_path_factory.mktemp("prm-serve") / "server.log"
     command = server_command(tiny_prm_dir, port)
     command.remove("--enable-prompt-tokens-details")
     command += ["--runner", "pooling", "--pooler-config", f'{{"step_tag_id": {separator}}}']
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, log)
+    with serving(command, log, port) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 def test_a_served_prm_gives_the_rewards_of_the_local_engine(prm_server, prm_model, tiny_prm_dir, problems):

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -76,24 +77,13 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, limit_s: float 
     pytest.fail(f"vllm serve did not come up in {limit_s} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def api_key() -> str:
-    return secrets.token_hex(16)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dirs, tmp_path_factory, api_key):
-    """`vllm serve` of the alpha model, with an API key, in its own process group."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
-    env = {**os.environ, "VLLM_API_KEY": api_key}
+@contextmanager
+def serving(command: list[str], log: Path, port: int, env: dict[str, str] | None = None):
+    """A `vllm serve` in its own process group, logging to `log`: its URL once healthy; stopped
+    (SIGTERM, then SIGKILL after 30 s) on leaving."""
     with log.open("w") as sink:
         process = subprocess.Popen(
-            server_command(tiny_model_dirs["alpha"], port),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
+            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -105,6 +95,21 @@ def server(tiny_model_dirs, tmp_path_factory, api_key):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def api_key() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dirs, tmp_path_factory, api_key):
+    """`vllm serve` of the alpha model, with an API key, in its own process group."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    env = {**os.environ, "VLLM_API_KEY": api_key}
+    with serving(server_command(tiny_model_dirs["alpha"], port), log, port, env) as url:
+        yield url
 
 
 @pytest.fixture

@@ -154,13 +154,8 @@ def verifier_recipe(tmp_path, model: str, **verifier) -> str:
     return str(path)
 
 
-def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_pieces(tiny_model_dirs, tmp_path):
-    from cordgen.engines.scorers import check_scorer_tokens
-
-    alpha = tiny_model_dirs["alpha"]
-    fine = ScorerConfig(engine={"model": alpha}, kind="verifier", verifier={"yes": "Y", "no": "N"})
-    check_scorer_tokens(fine, Recipe.model_fields["format"].default)
-    recipe_path = verifier_recipe(tmp_path, alpha, yes=" Yes", no="N")
+def plan_error(recipe_path: str) -> str:
+    """The one line `cordgen synth` stops with (exit 2) when the plan rejects the recipe."""
     result = subprocess.run(
         [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
         capture_output=True,
@@ -169,6 +164,16 @@ def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_piece
     )
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_a_verdict_of_several_tokens_stops_the_plan_naming_field_model_and_pieces(tiny_model_dirs, tmp_path):
+    from cordgen.engines.scorers import check_scorer_tokens
+
+    alpha = tiny_model_dirs["alpha"]
+    fine = ScorerConfig(engine={"model": alpha}, kind="verifier", verifier={"yes": "Y", "no": "N"})
+    check_scorer_tokens(fine, Recipe.model_fields["format"].default)
+    line = plan_error(verifier_recipe(tmp_path, alpha, yes=" Yes", no="N"))
     assert line.startswith("error: scorer.verifier.yes: ' Yes' is ")
     assert f"tokens of {alpha}'s tokenizer" in line
     assert line.endswith("a verdict must be one token")
@@ -206,15 +211,7 @@ def test_a_prm_separator_of_several_tokens_stops_the_plan_naming_field_and_model
     check_scorer_tokens(fine, fmt)
     with pytest.raises(ConfigError, match=r"^scorer.prm: kind prm needs a reward model"):
         check_scorer_tokens(fine.model_copy(update={"prm": None}), fmt)
-    recipe_path = prm_recipe(tmp_path, tiny_model_dirs["alpha"], tiny_prm_dir, "<step>")
-    result = subprocess.run(
-        [sys.executable, "-m", "cordgen", "synth", "--config", recipe_path, "-q"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
+    line = plan_error(prm_recipe(tmp_path, tiny_model_dirs["alpha"], tiny_prm_dir, "<step>"))
     assert line.startswith("error: scorer.prm.separator: '<step>' is ")
     assert f"tokens of {tiny_prm_dir}'s tokenizer" in line
     assert line.endswith("the separator must be one token")

@@ -9,13 +9,14 @@ weights are written as safetensors under the names vLLM's loader maps (`model.*`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2Model
 
-from tests.tiny_models import SPECS, Problem, build_tokenizer, render_trace
+from tests.tiny_models import SPECS, Problem, build_tokenizer, model_config, render_trace
 
 SEPARATOR = "<extra_0>"
 
@@ -29,23 +30,9 @@ def build_tiny_prm(out: Path, problems: list[Problem], seed: int = 5) -> Path:
     spec = SPECS["alpha"]
     tokenizer = build_tokenizer(spec, [render_trace(spec, p) for p in problems] * 4)
     tokenizer.add_special_tokens({"additional_special_tokens": [SEPARATOR]})
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-        architectures=["Qwen2ForProcessRewardModel"],
-        num_labels=2,
-    )
+    config = model_config(replace(spec, architecture="qwen2"), tokenizer)
+    config.architectures = ["Qwen2ForProcessRewardModel"]
+    config.num_labels = 2
     torch.manual_seed(seed)
     body = Qwen2Model(config)
     head = prm_head(config.hidden_size, seed + 1)

@@ -351,6 +351,27 @@ def count_scoring(usage: Usage, report: RoundReport, prompt_tokens: int, cached_
     report.scored_tokens += prompt_tokens
 
 
+def write_answers(
+    run: Run,
+    by_teacher: Mapping[str, Sequence[Problem]],
+    texts: Mapping[str, tuple[str, ...]],
+    usage: Mapping[str, Usage],
+    report: RoundReport,
+) -> dict[str, FinalAnswer]:
+    """ONE answer call per teacher, over the problems whose trace (`texts`, by problem id) it
+    closes, counted in each problem's usage and the round's report."""
+    answers = {}
+    for name, group in by_teacher.items():
+        requests = [AnswerRequest(p.question, texts[p.id], (p.id,), p.id) for p in group]
+        started = time.perf_counter()
+        for p, answer in zip(group, run.teachers[name].answer(requests)):
+            answers[p.id] = answer
+            usage[p.id].add_generated(name, answer.num_tokens)
+        report.teacher_timed(name, started)
+        report.engine_timed(started)
+    return answers
+
+
 def finish_problems(
     run: Run,
     finishing: Sequence[Problem],
@@ -366,15 +387,8 @@ def finish_problems(
         result = outcomes[p.id][0]
         by_teacher.setdefault(result.steps[-1].teacher if result.steps else first_teacher, []).append(p)
         record_won(usage[p.id], result)
-    answers = {}
-    for name, group in by_teacher.items():
-        requests = [AnswerRequest(p.question, outcomes[p.id][0].texts, (p.id,), p.id) for p in group]
-        started = time.perf_counter()
-        for p, answer in zip(group, run.teachers[name].answer(requests)):
-            answers[p.id] = answer
-            usage[p.id].add_generated(name, answer.num_tokens)
-        report.teacher_timed(name, started)
-        report.engine_timed(started)
+    texts = {p.id: outcomes[p.id][0].texts for p in finishing}
+    answers = write_answers(run, by_teacher, texts, usage, report)
     run.sink([run.record(p, *outcomes[p.id], answers[p.id], usage[p.id]) for p in finishing])
 
 
@@ -477,14 +491,8 @@ def finish_curated(
             unanswered.setdefault(trace.teacher, []).append(p)
         else:
             answers[p.id] = answer
-    for name, group in unanswered.items():
-        requests = [AnswerRequest(p.question, chosen[p.id][0][0].texts, (p.id,), p.id) for p in group]
-        started = time.perf_counter()
-        for p, answer in zip(group, run.teachers[name].answer(requests)):
-            answers[p.id] = answer
-            usage[p.id].add_generated(name, answer.num_tokens)
-        report.teacher_timed(name, started)
-        report.engine_timed(started)
+    texts = {p.id: chosen[p.id][0][0].texts for p in problems}
+    answers.update(write_answers(run, unanswered, texts, usage, report))
     records = []
     for p in problems:
         alternatives = chosen[p.id][1:]
