@@ -12,7 +12,7 @@ import yaml
 
 from cordgen.config import Recipe, StepFormat
 from cordgen.errors import CordgenError
-from cordgen.records import TraceRecord
+from cordgen.records import Grade, ScoreRecord, StepScore, TraceRecord
 from cordgen.scoring import (
     ForeignFields,
     execute_scoring,
@@ -75,6 +75,25 @@ def test_a_foreign_file_needs_a_scorer(tmp_path):
     path.write_bytes(orjson.dumps({"question": "Q", "answer": "1", "response": "1"}) + b"\n")
     with pytest.raises(CordgenError, match="--scorer"):
         plan_scoring(path)
+
+
+def score_record(trace_id: str, kind: str, score: float) -> ScoreRecord:
+    grade = Grade(status="correct", correct=True, predicted="1")
+    perplexity = 1 / score if kind == "predictive" else None
+    step = StepScore(index=1, score=score, perplexity=perplexity)
+    return ScoreRecord(
+        id=trace_id, scorer="s", kind=kind, steps=[step], score=score, perplexity=perplexity, grade=grade
+    )
+
+
+def test_the_summary_shows_perplexity_for_the_predictive_kind_and_p_correct_for_the_others():
+    from cordgen.progress import spread_rows
+
+    predictive = [score_record("a", "predictive", 0.5), score_record("b", "predictive", 0.25)]
+    assert spread_rows(predictive) == [("perplexity", [2.0, 4.0])]
+    verifier = [score_record("a", "verifier", 0.9), score_record("b", "verifier", 0.6)]
+    assert spread_rows(verifier) == [("verifier score", [0.9, 0.6])]
+    assert [label for label, _ in spread_rows([*verifier, *predictive])] == ["perplexity", "verifier score"]
 
 
 @pytest.fixture(scope="module")

@@ -170,16 +170,29 @@ def phase_table(records: Sequence[TraceRecord], phases: Sequence[int]) -> Table 
     return table
 
 
+def spread_rows(scored: Sequence[ScoreRecord]) -> list[tuple[str, list[float]]]:
+    """Per scorer kind present: the final perplexities (predictive) or final scores (any other)."""
+    rows = []
+    for kind in sorted({s.kind for s in scored}, key=lambda k: (k != "predictive", k)):
+        mine = [s for s in scored if s.kind == kind]
+        if kind == "predictive":
+            rows.append(("perplexity", [s.perplexity for s in mine if s.perplexity is not None]))
+        else:
+            rows.append((f"{kind} score", [s.score for s in mine if s.score is not None]))
+    return [(label, values) for label, values in rows if values]
+
+
 def score_summary(
     traces: Sequence[Trace],
     scores: dict[str, ScoreRecord],
     computed_tokens: int,
     synthesis_seconds: float | None = None,
 ) -> Table:
-    """Accuracy, perplexity spread and who wrote the kept steps, over every trace scored so far."""
+    """Accuracy, the spread of the final scores and who wrote the kept steps, over every trace
+    scored so far. The predictive score's spread is shown as the answer's perplexity (1 / S);
+    another kind's p(correct) is shown as it is: its inverse is no perplexity."""
     scored = [scores[t.id] for t in traces if t.id in scores]
     statuses = Counter(s.grade.status for s in scored)
-    perplexities = [s.perplexity for s in scored if s.perplexity is not None]
     table = Table(title="cordgen score", show_header=True)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -190,12 +203,9 @@ def score_summary(
         "unparsable / timeout / error",
         f"{statuses['unparsable']} / {statuses['timeout']} / {statuses['error']}",
     )
-    if perplexities:
-        table.add_row("perplexity mean", f"{sum(perplexities) / len(perplexities):.3f}")
-        table.add_row(
-            "perplexity p50 / p90",
-            f"{percentile(perplexities, 0.5):.3f} / {percentile(perplexities, 0.9):.3f}",
-        )
+    for label, values in spread_rows(scored):
+        table.add_row(f"{label} mean", f"{sum(values) / len(values):.3f}")
+        table.add_row(f"{label} p50 / p90", f"{percentile(values, 0.5):.3f} / {percentile(values, 0.9):.3f}")
     authors = Counter(a for t in traces for a in t.teachers)
     for teacher, count in sorted(authors.items()):
         table.add_row(f"steps by {teacher}", f"{count / sum(authors.values()):.0%}")
