@@ -3,6 +3,7 @@
     make quality                                   # 200 shipped problems, seed 0
     python benchmarks/quality.py --problems 50 --seeds 0,1,2
     python benchmarks/quality.py --config RECIPE --pilot OTHER_PROBLEMS.jsonl --variants cord,adaptive
+    python benchmarks/quality.py --draw 37 --seeds 0,1,2,3,4,5,6,7,8,9 --variants cord,adaptive
 
 With a recipe of other problems (real models), answer accuracy (the extracted answer equal to the
 gold one), tokens and the schedule tables are measured alike; the step checks are the demo's.
@@ -14,8 +15,10 @@ benchmark reports step validity (share of kept steps whose arithmetic is right) 
 (correct, wrong) candidate pairs proposed from the same partial trace, the share it ranks right,
 by step position. The adaptive schedule's row is warm-started from a pilot `cord` run (every
 teacher on every beam) over other problems: generated held-out demo problems for the demo recipe,
-`--pilot FILE` for any other. Per teacher and phase of the trace, every step-wise variant reports
-proposals asked, kept and their tokens. Results go to benchmarks/results/quality.{json,md}.
+`--pilot FILE` for any other. `--draw SEED` replaces the shipped problems by as many other held-out
+demo problems (none of the shipped set's or the pilot's, the pilot unchanged): a second problem set
+for a check that the shipped set may flatter. Per teacher and phase of the trace, every step-wise
+variant reports proposals asked, kept and their tokens. Results go to benchmarks/results/quality.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -55,6 +59,7 @@ class Variant:
     teachers: tuple[str, ...] = ()  # empty: every teacher of the recipe
     scorer: str = "scorer"  # the recipe's scorer or "scorer-final" (its ablation)
     kind: str = "predictive"  # scorer.kind; on the demo, verifier and hybrid ask its verifier (JUDGE)
+    judge: str = "verifier"  # a hybrid's other half: the demo's "verifier" or its "prm"
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
     schedule: str = "all"  # adaptive: warm-started from the pilot run
@@ -76,10 +81,12 @@ VARIANTS = (
     Variant("cord, random choice", "scorer", kind="random"),
     Variant("cord, verifier", "scorer", kind="verifier"),
     Variant("cord, hybrid", "scorer", kind="hybrid"),
+    Variant("cord, prm", "scorer", kind="prm", judge="prm"),
+    Variant("cord, hybrid with prm", "scorer", kind="hybrid", judge="prm"),
 )
 # The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.
 JUDGE = {"prompt": "\n\nCheck step {step}:{latest}Correct?", "yes": " Yes", "no": " No"}
-JUDGED_KINDS = ("verifier", "hybrid")
+JUDGED_KINDS = ("verifier", "hybrid", "prm")
 
 
 @dataclass
@@ -112,9 +119,24 @@ def demo_model(base: Recipe, name: str) -> Path:
 
 
 def has_judge(base: Recipe, variant: Variant) -> bool:
-    """A judged kind needs the demo verifier, or a recipe that set up its own judge."""
-    own = base.scorer.kind in JUDGED_KINDS or base.scorer.verifier != VerifierSettings()
-    return variant.kind not in JUDGED_KINDS or own or demo_model(base, "verifier").is_dir()
+    """A judged kind needs the demo verifier (or PRM), or a recipe that set up its own judge."""
+    if variant.kind not in JUDGED_KINDS:
+        return True
+    if variant.judge == "prm":
+        return base.scorer.prm is not None or demo_model(base, "prm").is_dir()
+    own = base.scorer.kind in ("verifier", "hybrid") or base.scorer.verifier != VerifierSettings()
+    return own or demo_model(base, "verifier").is_dir()
+
+
+def with_demo_judge(scorer: dict, base: Recipe, variant: Variant) -> None:
+    """Points a judged kind at the shipped demo verifier or PRM, where the recipe sets none."""
+    engine = scorer["engine"]
+    if variant.judge == "prm" and scorer["prm"] is None and demo_model(base, "prm").is_dir():
+        prm = demo_model(base, "prm")
+        scorer["prm"] = {"engine": {**engine, "model": str(prm), "tokenizer": str(prm / "tokenizer")}}
+    elif variant.judge == "verifier" and demo_model(base, "verifier").is_dir():
+        model = str(demo_model(base, "verifier"))
+        scorer["verifier"] = {**scorer["verifier"], **JUDGE, "engine": {**engine, "model": model}}
 
 
 def variant_recipe(
@@ -132,9 +154,8 @@ def variant_recipe(
         data["scorer"]["name"] = "scorer-final"
         data["scorer"]["engine"]["model"] = final_scorer
     data["scorer"]["kind"] = variant.kind  # random: the search keeps random children, not likely ones
-    if variant.kind in JUDGED_KINDS and demo_model(base, "verifier").is_dir():
-        engine = {**data["scorer"]["engine"], "model": str(demo_model(base, "verifier"))}
-        data["scorer"]["verifier"] = {**data["scorer"]["verifier"], **JUDGE, "engine": engine}
+    if variant.kind in JUDGED_KINDS:
+        with_demo_judge(data["scorer"], base, variant)
     data["search"]["strategy"] = variant.strategy
     if variant.beam_width is not None:
         data["search"]["beam_width"] = variant.beam_width
@@ -345,18 +366,25 @@ def markdown(report: dict) -> str:
     lines.append("|" + "---|" * 8)
     for name, row in report["variants"].items():
         if name in RANKED:
-            lines += ranking_lines(row)
+            lines += ranking_lines(name, row)
     lines += schedule_tables(report)
     return "\n".join(lines) + "\n"
 
 
 # The rows of the step-ranking table: the full recipe under each scorer and kind.
-RANKED = ("cord", "cord, scorer-final", "cord, verifier", "cord, hybrid")
+RANKED = (
+    "cord",
+    "cord, scorer-final",
+    "cord, verifier",
+    "cord, hybrid",
+    "cord, prm",
+    "cord, hybrid with prm",
+)
 
 
-def ranking_lines(row: dict) -> list[str]:
+def ranking_lines(name: str, row: dict) -> list[str]:
     """The variant's ranking by the score it searched with, then by each of its components."""
-    label = row["scorer"] if row.get("kind", "predictive") == "predictive" else row["kind"]
+    label = row["scorer"] if row.get("kind", "predictive") == "predictive" else name.removeprefix("cord, ")
     tables = [(label, row["mean"].get("step_ranking"))]
     tables += [(f"{label}: {c} part", r) for c, r in row["mean"].get("component_ranking", {}).items()]
     lines = []
@@ -433,7 +461,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--problems", type=int, help="the first N problems of the recipe's input")
     parser.add_argument("--seeds", default="0", help="comma-separated sampling seeds")
     parser.add_argument(
-        "--variants", help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS)
+        "--variants",
+        help="a subset, names joined by ',' with no space after it (names hold ', '): "
+        + "; ".join(v.name for v in VARIANTS),
     )
     parser.add_argument(
         "--pilot",
@@ -441,8 +471,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="problems for the adaptive rows' warm start; default (demo recipe): generated",
     )
     parser.add_argument("--pilot-problems", type=int, default=50, help="problems in the pilot run")
+    parser.add_argument(
+        "--draw",
+        type=int,
+        metavar="SEED",
+        help="demo recipe: other held-out problems drawn with this seed instead of the shipped ones",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
+
+
+def chosen_variants(names: str | None) -> list[Variant]:
+    """`names` joined by commas not followed by a space, since names such as "cord, verifier"
+    hold one; None: every variant."""
+    if names is None:
+        return list(VARIANTS)
+    wanted = re.split(r",(?! )", names)
+    known = {v.name for v in VARIANTS}
+    if unknown := [n for n in wanted if n not in known]:
+        sys.exit(f"--variants: no variant named {unknown[0]!r}; the names: " + "; ".join(sorted(known)))
+    return [v for v in VARIANTS if v.name in wanted]
+
+
+def is_demo_input(base: Recipe) -> bool:
+    return Path(base.input.path).resolve() == (ROOT / "benchmarks/demo_models/problems.jsonl").resolve()
 
 
 def pilot_problems(args: argparse.Namespace, base: Recipe, taken: Sequence[Problem]) -> list[Problem]:
@@ -452,11 +504,29 @@ def pilot_problems(args: argparse.Namespace, base: Recipe, taken: Sequence[Probl
     if args.pilot is not None:
         chosen = [p for p in load_problems(args.pilot).problems if p.question not in questions]
         return chosen[: args.pilot_problems]
-    if Path(base.input.path).resolve() != (ROOT / "benchmarks/demo_models/problems.jsonl").resolve():
+    if not is_demo_input(base):
         sys.exit("give --pilot PROBLEMS (other problems of the same kind) for the adaptive rows' warm start")
-    drawn = task.sample_problems(args.pilot_problems + len(questions), PILOT_SEED, "heldout")
-    fresh = [p for p in drawn if p.question not in questions][: args.pilot_problems]
-    return [Problem(f"pilot-{i:04d}", p.question, str(p.gold)) for i, p in enumerate(fresh)]
+    return drawn_problems(PILOT_SEED, args.pilot_problems, taken, "pilot")
+
+
+def drawn_problems(seed: int, count: int, taken: Sequence[Problem], prefix: str) -> list[Problem]:
+    """`count` held-out demo problems drawn with `seed`, none of whose questions `taken` holds."""
+    questions = {p.question for p in taken}
+    drawn = task.sample_problems(count + len(questions), seed, "heldout")
+    fresh = [p for p in drawn if p.question not in questions][:count]
+    return [Problem(f"{prefix}-{i:04d}", p.question, str(p.gold)) for i, p in enumerate(fresh)]
+
+
+def benchmark_and_pilot(args: argparse.Namespace, base: Recipe) -> tuple[list[Problem], list[Problem]]:
+    """The benchmark's problems (the recipe's, or --draw's) and the pilot's, which never overlap;
+    the pilot is the same for the shipped set and any drawn one."""
+    problems = load_problems(base.input.path).problems[: args.problems]
+    pilot = pilot_problems(args, base, problems)
+    if args.draw is None:
+        return problems, pilot
+    if not is_demo_input(base):
+        sys.exit("--draw draws demo problems: it needs the demo recipe's input")
+    return drawn_problems(args.draw, len(problems), (*problems, *pilot), f"draw{args.draw}"), pilot
 
 
 def run_pilot(base: Recipe, pool, problems: Sequence[Problem], final_scorer: str, path: Path) -> dict:
@@ -487,18 +557,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console(stderr=True)
     base = load_recipe(args.config)
-    problems = load_problems(base.input.path).problems[: args.problems]
+    problems, pilot = benchmark_and_pilot(args, base)
     demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
     final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
-    chosen = [v for v in VARIANTS if args.variants is None or v.name in args.variants.split(",")]
+    chosen = chosen_variants(args.variants)
     for variant in [v for v in chosen if not has_judge(base, v)]:
+        judge = variant.judge
         console.print(
-            f"{variant.name}: skipped, no judge (no demo verifier; the recipe sets no scorer.verifier)"
+            f"{variant.name}: skipped, no judge (no demo {judge}; the recipe sets no scorer.{judge})"
         )
         chosen.remove(variant)
-    adaptive = any(v.schedule == "adaptive" for v in chosen)
-    pilot = pilot_problems(args, base, problems) if adaptive else []
+    if not any(v.schedule == "adaptive" for v in chosen):
+        pilot = []
     scratch = tempfile.TemporaryDirectory(prefix="quality-pilot-")
     warm_start = Path(scratch.name) / "pilot.jsonl"
     pilot_report = None
@@ -536,12 +607,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     report = {
         "config": shown_path(args.config),
         "problems": len(problems),
+        "drawn_with_seed": args.draw,  # None: the recipe's own problems
         "seeds": seeds,
         "engine_load_s": round(load_s, 1),
         "pilot": pilot_report,
         "variants": variants,
     }
-    write_report(args.out, "quality", report, markdown(report))
+    name = "quality" if args.draw is None else f"quality-draw{args.draw}"
+    write_report(args.out, name, report, markdown(report))
     console.print(markdown(report))
 
 

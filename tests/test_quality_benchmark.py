@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import quality  # noqa: E402
@@ -126,3 +128,42 @@ def test_a_recipe_of_other_problems_is_measured_without_the_demo_checker():
     assert measured["step_validity"] is None and measured["sound_and_correct"] is None
     summary = quality.mean_over_seeds([measured, measured])
     assert summary["answer_accuracy"] == 0.5 and summary["step_validity"] is None
+
+
+def test_drawn_problems_are_new_held_out_ones_and_the_same_every_time():
+    shipped = quality.load_problems(quality.ROOT / "benchmarks/demo_models/problems.jsonl").problems
+    pilot = quality.drawn_problems(quality.PILOT_SEED, 50, shipped, "pilot")
+    drawn = quality.drawn_problems(37, 200, (*shipped, *pilot), "draw37")
+    assert len(drawn) == 200 and drawn == quality.drawn_problems(37, 200, (*shipped, *pilot), "draw37")
+    taken = {p.question for p in (*shipped, *pilot)}
+    assert not taken & {p.question for p in drawn}
+    assert all(task.split_of(task.parse_question(p.question)) == "heldout" for p in drawn)
+    assert (
+        drawn[0].id == "draw37-0000" and str(task.parse_question(drawn[0].question).gold) == drawn[0].answer
+    )
+
+
+def test_variants_are_chosen_by_names_that_hold_commas_and_an_unknown_name_stops_the_run():
+    chosen = quality.chosen_variants("cord,cord, verifier,adaptive, no fill")
+    assert [v.name for v in chosen] == ["cord", "adaptive, no fill", "cord, verifier"]
+    assert quality.chosen_variants(None) == list(quality.VARIANTS)
+    with pytest.raises(SystemExit, match="--variants: no variant named 'verifier'"):
+        quality.chosen_variants("cord,verifier")
+
+
+def test_prm_variants_ask_the_demo_prm_with_its_own_tokenizer_folder_where_it_ships(tmp_path):
+    from cordgen.config import Recipe, load_recipe
+
+    data = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model_dump()
+    data["scorer"]["engine"]["model"] = str(tmp_path / "scorer")
+    base = Recipe.model_validate(data)
+    variants = {v.name: v for v in quality.VARIANTS}
+    (tmp_path / "verifier").mkdir()  # a verifier is no PRM
+    assert not quality.has_judge(base, variants["cord, prm"])
+    assert not quality.has_judge(base, variants["cord, hybrid with prm"])
+    (tmp_path / "prm").mkdir()
+    hybrid = quality.variant_recipe(base, variants["cord, hybrid with prm"], 0, "unused")
+    assert hybrid.scorer.kind == "hybrid" and hybrid.scorer.prm.engine.runner == "pooling"
+    assert hybrid.scorer.prm.engine.model == str(tmp_path / "prm")
+    assert hybrid.scorer.prm.engine.tokenizer == str(tmp_path / "prm" / "tokenizer")
+    assert quality.variant_recipe(base, variants["cord, prm"], 0, "unused").scorer.kind == "prm"
