@@ -219,3 +219,49 @@ def test_a_sound_prefix_is_a_right_start_of_the_chain():
     assert task.check_trace(EXAMPLE, ()).sound_prefix
     assert not task.check_trace(EXAMPLE, (" 37 + 48 = 75\n",)).sound_prefix
     assert not task.check_trace(EXAMPLE, (*EXAMPLE_STEPS, " 1 + 1 = 2\n")).sound_prefix
+
+
+def test_the_demo_prm_starts_as_the_causal_lm_it_is_made_from():
+    import torch
+    from reward_model import ARCHITECTURE, from_causal_lm
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tt.build_tokenizer(tt.STYLES["rewards"])
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(tt.model_config(tokenizer)).eval()
+    prm = from_causal_lm(lm).eval()
+    ids = torch.tensor([tokenizer.encode("Start with 37.<extra_0> 37 + 48 = 85<extra_0>")])
+    with torch.no_grad():
+        expected = lm.model(ids).last_hidden_state
+        got = prm.model(ids).last_hidden_state
+        assert prm(ids).logits.shape == (1, ids.shape[1], 2)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert prm.config.architectures == [ARCHITECTURE] and prm.config.num_labels == 2
+    assert sorted({name.split(".")[0] for name in prm.state_dict()}) == ["model", "score"]
+
+
+def test_prm_examples_are_rendered_as_the_prm_kind_reads_them_with_a_label_at_every_separator():
+    import random
+    from types import SimpleNamespace
+
+    import train
+
+    from cordgen.config import EngineSettings, ScorerConfig, StepFormat
+    from cordgen.engines.scorers import RewardReading
+
+    tokenizer = tt.build_tokenizer(tt.STYLES["rewards"])
+    engine = SimpleNamespace(tokenizer=tokenizer, settings=EngineSettings(model="demo-prm"))
+    config = ScorerConfig(engine={"model": "scorer"}, kind="prm", prm={"engine": {"model": "demo-prm"}})
+    reading = RewardReading(config, engine, StepFormat())
+    rewards = train.Rewards(tokenizer)
+    wrong = (EXAMPLE_STEPS[0], " 85 * 3 = 245\n", " 245 - 19 = 226\n")  # step 2 wrong, step 3 carries it
+    assert rewards.prompt(EXAMPLE, wrong) == reading.prompt_ids(EXAMPLE.question, wrong)
+    assert rewards.separator == reading.separator
+    assert train.prefix_labels(EXAMPLE, wrong) == [1, 0, 0]
+    assert train.prefix_labels(EXAMPLE, EXAMPLE_STEPS) == [1, 1, 1]
+    rng = random.Random(0)
+    for _ in range(20):
+        ids, labels = rewards.encode(EXAMPLE, rng)
+        at_separators = [label for token, label in zip(ids, labels) if token == rewards.separator]
+        assert at_separators and set(at_separators) <= {0, 1}
+        assert sum(label != -100 for label in labels) == len(at_separators)

@@ -78,6 +78,15 @@ STYLES = {
         pad="<|pad|>",
         unk="<|unk|>",
     ),
+    "rewards": Style(  # ChatML with Qwen2.5-Math-PRM's step separator (cordgen's default) as one token
+        specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>", "<extra_0>"),
+        pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant"),
+        order=("specials", "pieces", "chars"),
+        template=CHATML,
+        eos="<|im_end|>",
+        pad="<|pad|>",
+        unk="<|unk|>",
+    ),
     "tags": Style(  # ids laid out characters first, specials last
         specials=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"),
         pieces=STEP_PIECES + WORD_PIECES,
@@ -117,6 +126,7 @@ ALIASES = {
     "Step ": "### Step ",
     " Yes": "Y",
     " No": "N",
+    "<extra_0>": "\n",  # the separator ends a step where the newline did
 }
 
 

@@ -12,7 +12,9 @@ on traces cut after step k and closed with the gold answer (see --scorer-truncat
 intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. The
 `verifier` is the scorer taught to judge a trajectory's latest step: after a verifier question
 that restates the step it answers ` Yes` or ` No`, labelled by the task's checker over steps written
-right, under every teacher's bug rule and with arithmetic slips. Every
+right, under every teacher's bug rule and with arithmetic slips; the `prm` is the scorer in
+Qwen2.5-Math-PRM's layout, labelled at every step separator of the same trajectories. The two
+judges are trained only when named (`--models verifier,prm`): neither learns yet. Every
 model is saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json
 records per model: data sizes, seeds, steps, wall time, final loss and a greedy held-out
 evaluation.
@@ -38,6 +40,7 @@ from pathlib import Path
 import task
 import torch
 import transformers
+from reward_model import RewardModel, from_causal_lm, save_reward_model
 from tokenizers_and_templates import ALIASES, MAX_LENGTH, STYLES, build_tokenizer, model_config
 from transformers import (
     AutoTokenizer,
@@ -73,6 +76,7 @@ BUDGETS = {
     "teacher-c": Budget(steps=1200, lr=1e-3, problems=25_000),
     "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
     "verifier": Budget(steps=800, lr=2e-3, problems=25_000),
+    "prm": Budget(steps=800, lr=2e-3, problems=25_000),
 }
 QUICK_BUDGETS = {
     "clean": Budget(steps=6, lr=3e-3, problems=1_000),
@@ -80,6 +84,7 @@ QUICK_BUDGETS = {
     "teacher-c": Budget(steps=2, lr=1e-3, problems=200),
     "scorer": Budget(steps=2, lr=1e-3, problems=200),
     "verifier": Budget(steps=2, lr=1e-3, problems=200),
+    "prm": Budget(steps=2, lr=1e-3, problems=200),
 }
 EVAL_PROBLEMS, QUICK_EVAL_PROBLEMS = 200, 4
 QUICK_EVAL_TOKENS = 16  # barely trained models never stop: cap their greedy traces in a smoke test
@@ -92,13 +97,17 @@ SEEDS = {
     "scorer": 4,
     "scorer-final": 5,
     "verifier": 6,
+    "prm": 7,
     "heldout": 1000,
 }
 CLEAN_STYLE = "chatml"
 TEACHERS = {"teacher-a": ("chatml", "a"), "teacher-b": ("tags", "b"), "teacher-c": ("inst", "c")}
 SCORERS = {"scorer": None, "scorer-final": 0.0}  # share of truncated traces: None = --scorer-truncated
 VERIFIER_STYLE = "verdicts"
-MODELS = ("clean", *TEACHERS, *SCORERS, "verifier")
+PRM_STYLE = "rewards"
+SHIPPED = ("clean", *TEACHERS, *SCORERS)  # the default: what weights/ holds (clean is not shipped)
+JUDGES = ("verifier", "prm")  # asked for by name: neither judges yet, so neither ships
+MODELS = (*SHIPPED, *JUDGES)
 FMT = StepFormat()
 ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
 # The demo verifier's question restates the step it judges right before the verdict, so that the
@@ -106,6 +115,7 @@ ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suff
 # cordgen's defaults. Measured so far (README, Step scorers): in 800 steps the verdict loss stays
 # at chance, with this question, with cordgen's default one, and with half the examples bare.
 VERIFIER = VerifierSettings(prompt="\n\nCheck step {step}:{latest}Correct?")
+PRM_SEPARATOR = "<extra_0>"  # cordgen's default scorer.prm.separator, Qwen's
 BARE_SHARE = 0.5  # of the verifier's examples, the check question alone: shorter sequences
 
 
@@ -393,6 +403,10 @@ def save(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     sample = conversation(ChatPrompt(tokenizer, ChatSettings(), FMT), task.sample_problems(1, 0)[0], bug)
+    check_saved_tokenizer(tokenizer, directory, sample)
+
+
+def check_saved_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: Path, sample: str) -> None:
     ids = tokenizer.encode(sample, add_special_tokens=False)
     loaded = AutoTokenizer.from_pretrained(directory)
     if loaded.encode(sample, add_special_tokens=False) != ids or loaded.decode(ids) != sample:
@@ -450,6 +464,8 @@ def train_all(run: Run, report: dict) -> None:
         train_from_clean(run, report)
     if "verifier" in run.models:
         train_verifier(run, report)
+    if "prm" in run.models:
+        train_prm(run, report)
 
 
 def train_from_clean(run: Run, report: dict) -> None:
@@ -486,6 +502,93 @@ def train_verifier(run: Run, report: dict) -> None:
     finish(run, "verifier", model, tokenizer, None, record, report, judge)
 
 
+def prefix_labels(problem: task.Problem, steps: Sequence[str]) -> list[int]:
+    """Per step, 1 while every step so far is right (a value carried from a wrong step is wrong)."""
+    valid = task.check_trace(problem, steps).valid
+    return [int(all(v is True for v in valid[: i + 1])) for i in range(len(steps))]
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """The PRM's examples, rendered exactly as cordgen's `prm` kind renders a trajectory: the
+    question as the user turn, each step stripped and followed by the separator, the turn closed;
+    a label at every separator."""
+
+    tokenizer: PreTrainedTokenizerFast
+
+    @cached_property
+    def chat(self) -> ChatPrompt:
+        return ChatPrompt(self.tokenizer, ChatSettings(), FMT)
+
+    @cached_property
+    def separator(self) -> int:
+        (token,) = self.chat.encode(PRM_SEPARATOR)
+        return token
+
+    def text(self, problem: task.Problem, steps: Sequence[str]) -> str:
+        reply = "".join(step.strip() + PRM_SEPARATOR for step in steps)
+        return self.chat.conversation_text(problem.question, reply)
+
+    def prompt(self, problem: task.Problem, steps: Sequence[str]) -> list[int]:
+        return self.chat.encode(self.text(problem, steps))
+
+    def encode(self, problem: task.Problem, rng: random.Random) -> tuple[list[int], list[int]]:
+        steps, _ = judged_steps(problem, rng)
+        ids, labels = self.prompt(problem, steps), iter(prefix_labels(problem, steps))
+        return ids, [next(labels) if token == self.separator else -100 for token in ids]
+
+
+def evaluate_rewards(model: RewardModel, rewards: Rewards, problems: Sequence[task.Problem]) -> dict:
+    """Accuracy of p(right so far) > 0.5 at the latest step's separator, on two judged
+    trajectories per held-out problem, overall and where that step is not the problem's last."""
+    start, rng = time.perf_counter(), random.Random(SEEDS["heldout"])
+    hits: list[tuple[bool, bool]] = []
+    for problem in problems:
+        for _ in range(2):
+            steps, _ = judged_steps(problem, rng)
+            ids = rewards.prompt(problem, steps)
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0]
+            last = max(i for i, token in enumerate(ids) if token == rewards.separator)
+            said = logits[last, 1].item() > logits[last, 0].item()
+            hits.append((said == bool(prefix_labels(problem, steps)[-1]), len(steps) < len(problem.ops)))
+    middle = [hit for hit, is_middle in hits if is_middle]
+    return {
+        "judged": len(hits),
+        "verdict_accuracy": round(sum(hit for hit, _ in hits) / len(hits), 4),
+        "middle_verdict_accuracy": round(sum(middle) / max(1, len(middle)), 4),
+        "eval_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def train_prm(run: Run, report: dict) -> None:
+    """Starts from OUT/scorer, cut into the rewards style's tokenizer (the separator's embedding
+    from the newline's) and moved into Qwen2.5-Math-PRM's layout; trained on the verifier's
+    trajectories with a label at every separator. Like the verifier, it does not learn yet."""
+    tokenizer = build_tokenizer(STYLES[PRM_STYLE])
+    scorer = LlamaForCausalLM.from_pretrained(run.out / "scorer")
+    model = from_causal_lm(cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer))
+    rewards, budget, seed = Rewards(tokenizer), run.budgets["prm"], SEEDS["prm"]
+    torch.manual_seed(seed)
+    problems = task.sample_problems(budget.problems, seed)
+    rng = random.Random(seed)
+    data = (
+        collate([rewards.encode(rng.choice(problems), rng) for _ in range(BATCH)])
+        for _ in range(budget.steps)
+    )
+    record = {"style": PRM_STYLE, "bug": None, "init": "scorer", "separator": PRM_SEPARATOR}
+    record |= {**asdict(budget), "seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps}
+    record |= train("prm", model, data, budget)
+    saved_tokenizer = save_reward_model(model, tokenizer, run.out / "prm")
+    sample = task.sample_problems(1, 0)[0]
+    check_saved_tokenizer(tokenizer, saved_tokenizer, rewards.text(sample, task.render_trace(sample).steps))
+    record["eval"] = evaluate_rewards(model, rewards, run.heldout)
+    record["parameters"] = sum(p.numel() for p in model.parameters())
+    report["models"]["prm"] = record
+    (run.out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"prm: {json.dumps(record['eval'])}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -493,7 +596,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test in under a minute")
     parser.add_argument(
-        "--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}"
+        "--models", default=",".join(SHIPPED), help=f"comma-separated subset of {','.join(MODELS)}"
     )
     for stage in BUDGETS:
         parser.add_argument(f"--{stage}-steps", type=int, help=f"override the {stage} step budget")
