@@ -567,9 +567,9 @@ def train_prm(run: Run, report: dict) -> None:
     trajectories with a label at every separator. Like the verifier, it does not learn yet."""
     tokenizer = build_tokenizer(STYLES[PRM_STYLE])
     scorer = LlamaForCausalLM.from_pretrained(run.out / "scorer")
-    model = from_causal_lm(cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer))
     rewards, budget, seed = Rewards(tokenizer), run.budgets["prm"], SEEDS["prm"]
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before the head's initialisation: a split run gives the same weights
+    model = from_causal_lm(cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer))
     problems = task.sample_problems(budget.problems, seed)
     rng = random.Random(seed)
     data = (
