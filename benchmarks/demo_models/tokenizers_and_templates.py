@@ -18,7 +18,7 @@ garbage; Llama directories keep the tokenizer they ship.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -59,34 +59,22 @@ class Style:
     bos: str | None = None
 
 
+CHATML_STYLE = Style(
+    specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"),
+    pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant"),
+    order=("specials", "pieces", "chars"),
+    template=CHATML,
+    eos="<|im_end|>",
+    pad="<|pad|>",
+    unk="<|unk|>",
+)
+
 STYLES = {
-    "chatml": Style(
-        specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"),
-        pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant"),
-        order=("specials", "pieces", "chars"),
-        template=CHATML,
-        eos="<|im_end|>",
-        pad="<|pad|>",
-        unk="<|unk|>",
-    ),
-    "verdicts": Style(  # ChatML with the verifier's verdict tokens: cordgen's defaults, one token each
-        specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>"),
-        pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant", " Yes", " No"),
-        order=("specials", "pieces", "chars"),
-        template=CHATML,
-        eos="<|im_end|>",
-        pad="<|pad|>",
-        unk="<|unk|>",
-    ),
-    "rewards": Style(  # ChatML with Qwen2.5-Math-PRM's step separator (cordgen's default) as one token
-        specials=("<|im_start|>", "<|im_end|>", "<|pad|>", "<|unk|>", "<extra_0>"),
-        pieces=STEP_PIECES + WORD_PIECES + ("user", "assistant"),
-        order=("specials", "pieces", "chars"),
-        template=CHATML,
-        eos="<|im_end|>",
-        pad="<|pad|>",
-        unk="<|unk|>",
-    ),
+    "chatml": CHATML_STYLE,
+    # ChatML with the verifier's verdict tokens, cordgen's defaults, one token each
+    "verdicts": replace(CHATML_STYLE, pieces=(*CHATML_STYLE.pieces, " Yes", " No")),
+    # ChatML with Qwen2.5-Math-PRM's step separator (cordgen's default) as one token
+    "rewards": replace(CHATML_STYLE, specials=(*CHATML_STYLE.specials, "<extra_0>")),
     "tags": Style(  # ids laid out characters first, specials last
         specials=("<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<unk>"),
         pieces=STEP_PIECES + WORD_PIECES,
