@@ -45,7 +45,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from cordgen.config import AdaptiveSettings, Credit, Schedule
+from cordgen.config import AdaptiveSettings, Credit, Schedule, SearchConfig
 from cordgen.records import ProposalCounts, Usage
 from cordgen.search import Beam, ProblemSearch
 from cordgen.seeds import derive_seed
@@ -139,7 +139,7 @@ class Scheduler:
     mode: Schedule = "all"
     settings: AdaptiveSettings = field(default_factory=AdaptiveSettings)
     prior: Prior = field(default_factory=dict)
-    beam_width: int = 4
+    beam_width: int = SearchConfig.model_fields["beam_width"].default  # the recipe's default
 
     def teachers_for(
         self, problem: str, round_index: int, beam: int, step: int, usage: Usage, frontier: int = 0
