@@ -139,9 +139,7 @@ def with_demo_judge(scorer: dict, base: Recipe, variant: Variant) -> None:
         scorer["verifier"] = {**scorer["verifier"], **JUDGE, "engine": {**engine, "model": model}}
 
 
-def variant_recipe(
-    base: Recipe, variant: Variant, seed: int, final_scorer: str, warm_start: Path | None = None
-) -> Recipe:
+def variant_recipe(base: Recipe, variant: Variant, seed: int, warm_start: Path | None = None) -> Recipe:
     data = base.model_dump()
     if variant.schedule == "adaptive":
         data["search"]["schedule"] = "adaptive"
@@ -152,7 +150,7 @@ def variant_recipe(
         data["teachers"] = [t for t in data["teachers"] if t["name"] in variant.teachers]
     if variant.scorer == "scorer-final":
         data["scorer"]["name"] = "scorer-final"
-        data["scorer"]["engine"]["model"] = final_scorer
+        data["scorer"]["engine"]["model"] = str(demo_model(base, "scorer-final"))
     data["scorer"]["kind"] = variant.kind  # random: the search keeps random children, not likely ones
     if variant.kind in JUDGED_KINDS:
         with_demo_judge(data["scorer"], base, variant)
@@ -529,12 +527,12 @@ def benchmark_and_pilot(args: argparse.Namespace, base: Recipe) -> tuple[list[Pr
     return drawn_problems(args.draw, len(problems), (*problems, *pilot), f"draw{args.draw}"), pilot
 
 
-def run_pilot(base: Recipe, pool, problems: Sequence[Problem], final_scorer: str, path: Path) -> dict:
+def run_pilot(base: Recipe, pool, problems: Sequence[Problem], path: Path) -> dict:
     """Every teacher on every beam (seed 0) over the pilot problems; its records are the warm start."""
     from cordgen.engines.roles import build_roles
     from cordgen.synth import synthesize
 
-    recipe = variant_recipe(base, VARIANTS[0], 0, final_scorer)
+    recipe = variant_recipe(base, VARIANTS[0], 0)
     teachers, scorer = build_roles(recipe, pool)
     records: list[TraceRecord] = []
     started = time.perf_counter()
@@ -559,7 +557,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = load_recipe(args.config)
     problems, pilot = benchmark_and_pilot(args, base)
     demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
-    final_scorer = str(Path(base.scorer.engine.model).parent / "scorer-final")
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = chosen_variants(args.variants)
     for variant in [v for v in chosen if not has_judge(base, v)]:
@@ -577,19 +574,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         started = time.perf_counter()
         for variant in chosen:
-            recipe = variant_recipe(base, variant, seeds[0], final_scorer)
+            recipe = variant_recipe(base, variant, seeds[0])
             for engine in (*(t.engine for t in recipe.teachers), *recipe.scorer.engines()):
                 pool.model(engine)
         load_s = time.perf_counter() - started
         console.print(f"{len(pool)} engines loaded in {load_s:.0f} s")
         if pilot:
-            pilot_report = run_pilot(base, pool, pilot, final_scorer, warm_start)
+            pilot_report = run_pilot(base, pool, pilot, warm_start)
             console.print(f"pilot (warm start): {json.dumps(pilot_report)}")
         variants = {}
         for variant in chosen:
             runs = []
             for seed in seeds:
-                recipe = variant_recipe(base, variant, seed, final_scorer, warm_start)
+                recipe = variant_recipe(base, variant, seed, warm_start)
                 runs.append(run_variant(variant, recipe, pool, problems, demo))
                 console.print(f"{variant.name} (seed {seed}): {json.dumps(runs[-1])}")
             variants[variant.name] = {

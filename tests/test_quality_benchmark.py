@@ -91,13 +91,13 @@ def test_judged_variants_ask_the_demo_verifier_as_it_was_trained_where_it_ships(
     assert quality.has_judge(base, variants["cord"])
     (tmp_path / "verifier").mkdir()
     assert quality.has_judge(base, variants["cord, hybrid"])
-    hybrid = quality.variant_recipe(base, variants["cord, hybrid"], 1, "unused")
+    hybrid = quality.variant_recipe(base, variants["cord, hybrid"], 1)
     assert hybrid.scorer.kind == "hybrid" and hybrid.seed == 1
     assert hybrid.scorer.verifier.engine.model == str(tmp_path / "verifier")
     assert hybrid.scorer.verifier.prompt == quality.JUDGE["prompt"]
     assert set(hybrid.scorer.engines().values()) == {"scorer", "scorer-verifier"}
-    assert quality.variant_recipe(base, variants["cord, random choice"], 0, "unused").scorer.engines() == {}
-    assert quality.variant_recipe(base, variants["cord"], 0, "unused").scorer == base.scorer
+    assert quality.variant_recipe(base, variants["cord, random choice"], 0).scorer.engines() == {}
+    assert quality.variant_recipe(base, variants["cord"], 0).scorer == base.scorer
 
 
 def test_the_schedule_tables_give_tokens_saved_and_who_wins_each_phase():
@@ -162,8 +162,8 @@ def test_prm_variants_ask_the_demo_prm_with_its_own_tokenizer_folder_where_it_sh
     assert not quality.has_judge(base, variants["cord, prm"])
     assert not quality.has_judge(base, variants["cord, hybrid with prm"])
     (tmp_path / "prm").mkdir()
-    hybrid = quality.variant_recipe(base, variants["cord, hybrid with prm"], 0, "unused")
+    hybrid = quality.variant_recipe(base, variants["cord, hybrid with prm"], 0)
     assert hybrid.scorer.kind == "hybrid" and hybrid.scorer.prm.engine.runner == "pooling"
     assert hybrid.scorer.prm.engine.model == str(tmp_path / "prm")
     assert hybrid.scorer.prm.engine.tokenizer == str(tmp_path / "prm" / "tokenizer")
-    assert quality.variant_recipe(base, variants["cord, prm"], 0, "unused").scorer.kind == "prm"
+    assert quality.variant_recipe(base, variants["cord, prm"], 0).scorer.kind == "prm"
