@@ -515,16 +515,19 @@ def drawn_problems(seed: int, count: int, taken: Sequence[Problem], prefix: str)
     return [Problem(f"{prefix}-{i:04d}", p.question, str(p.gold)) for i, p in enumerate(fresh)]
 
 
-def benchmark_and_pilot(args: argparse.Namespace, base: Recipe) -> tuple[list[Problem], list[Problem]]:
-    """The benchmark's problems (the recipe's, or --draw's) and the pilot's, which never overlap;
-    the pilot is the same for the shipped set and any drawn one."""
+def benchmark_and_pilot(
+    args: argparse.Namespace, base: Recipe, adaptive: bool
+) -> tuple[list[Problem], list[Problem]]:
+    """The benchmark's problems (the recipe's, or --draw's) and, for adaptive rows, the pilot's;
+    they never overlap, and the pilot is the same for the shipped set and any drawn one."""
     problems = load_problems(base.input.path).problems[: args.problems]
-    pilot = pilot_problems(args, base, problems)
     if args.draw is None:
-        return problems, pilot
+        return problems, pilot_problems(args, base, problems) if adaptive else []
     if not is_demo_input(base):
         sys.exit("--draw draws demo problems: it needs the demo recipe's input")
-    return drawn_problems(args.draw, len(problems), (*problems, *pilot), f"draw{args.draw}"), pilot
+    pilot = pilot_problems(args, base, problems)
+    drawn = drawn_problems(args.draw, len(problems), (*problems, *pilot), f"draw{args.draw}")
+    return drawn, pilot if adaptive else []
 
 
 def run_pilot(base: Recipe, pool, problems: Sequence[Problem], path: Path) -> dict:
@@ -555,8 +558,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console(stderr=True)
     base = load_recipe(args.config)
-    problems, pilot = benchmark_and_pilot(args, base)
-    demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = chosen_variants(args.variants)
     for variant in [v for v in chosen if not has_judge(base, v)]:
@@ -565,8 +566,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{variant.name}: skipped, no judge (no demo {judge}; the recipe sets no scorer.{judge})"
         )
         chosen.remove(variant)
-    if not any(v.schedule == "adaptive" for v in chosen):
-        pilot = []
+    problems, pilot = benchmark_and_pilot(args, base, any(v.schedule == "adaptive" for v in chosen))
+    demo = {p.question: parsed for p in problems if (parsed := task.parse_question(p.question)) is not None}
     scratch = tempfile.TemporaryDirectory(prefix="quality-pilot-")
     warm_start = Path(scratch.name) / "pilot.jsonl"
     pilot_report = None

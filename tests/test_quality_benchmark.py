@@ -167,3 +167,21 @@ def test_prm_variants_ask_the_demo_prm_with_its_own_tokenizer_folder_where_it_sh
     assert hybrid.scorer.prm.engine.model == str(tmp_path / "prm")
     assert hybrid.scorer.prm.engine.tokenizer == str(tmp_path / "prm" / "tokenizer")
     assert quality.variant_recipe(base, variants["cord, prm"], 0).scorer.kind == "prm"
+
+
+def test_a_recipe_of_other_problems_needs_a_pilot_only_for_adaptive_rows_and_cannot_draw(tmp_path):
+    from cordgen.config import load_recipe
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text('{"id": "q0", "question": "What is 2 + 2?", "answer": "4"}\n')
+    demo = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    base = demo.model_copy(update={"input": demo.input.model_copy(update={"path": str(path)})})
+    args = quality.parse_args([])
+    problems, pilot = quality.benchmark_and_pilot(args, base, adaptive=False)
+    assert [p.id for p in problems] == ["q0"] and pilot == []
+    with pytest.raises(SystemExit, match="give --pilot PROBLEMS"):
+        quality.benchmark_and_pilot(args, base, adaptive=True)
+    with pytest.raises(SystemExit, match="--draw draws demo problems"):
+        quality.benchmark_and_pilot(quality.parse_args(["--draw", "3"]), base, adaptive=False)
+    shipped, pilot = quality.benchmark_and_pilot(quality.parse_args(["--draw", "3"]), demo, adaptive=True)
+    assert shipped[0].id == "draw3-0000" and pilot[0].id == "pilot-0000"
