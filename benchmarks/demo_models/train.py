@@ -526,8 +526,7 @@ class Rewards:
         return token
 
     def text(self, problem: task.Problem, steps: Sequence[str]) -> str:
-        reply = "".join(step.strip() + PRM_SEPARATOR for step in steps)
-        return self.chat.conversation_text(problem.question, reply)
+        return self.chat.reward_text(problem.question, steps, PRM_SEPARATOR)
 
     def prompt(self, problem: task.Problem, steps: Sequence[str]) -> list[int]:
         return self.chat.encode(self.text(problem, steps))

@@ -77,6 +77,11 @@ class ChatPrompt:
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
         return self._render(messages, add_generation_prompt=False)
 
+    def reward_text(self, question: str, steps: Sequence[str], separator: str) -> str:
+        """A trajectory as a process reward model reads it (Qwen2.5-Math-PRM's prompting): the
+        question as the user turn, each step stripped and followed by the separator as the reply."""
+        return self.conversation_text(question, "".join(step.strip() + separator for step in steps))
+
     def _render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         if self.system_prompt is not None:
             messages = [{"role": "system", "content": self.system_prompt}, *messages]

@@ -169,8 +169,7 @@ class RewardReading:
         self.separator = separator_token(self.chat, config.prm.separator, model.settings.model)
 
     def prompt_ids(self, question: str, steps: Sequence[str]) -> list[int]:
-        reply = "".join(step.strip() + self.settings.separator for step in steps)
-        return self.chat.encode(self.chat.conversation_text(question, reply))
+        return self.chat.encode(self.chat.reward_text(question, steps, self.settings.separator))
 
     def spans(self, request: ScoreRequest) -> tuple[RewardRequest, ...] | None:
         ids = self.prompt_ids(request.question, request.steps)
