@@ -173,16 +173,6 @@ def start_pool(recipe: Recipe) -> tuple[Any, float]:
 # -- what the runs say -----------------------------------------------------------------------
 
 
-def without_scores(record: TraceRecord) -> dict:
-    data = record.model_dump(mode="json")
-    for trajectory in [data["result"], *data["alternatives"]]:
-        trajectory.pop("score")
-        for step in trajectory["steps"]:
-            step.pop("score"), step.pop("perplexity")
-    data["usage"].pop("scored_tokens_computed")  # depends on what each replica has cached
-    return data
-
-
 def scores_of(record: TraceRecord) -> list[float | None]:
     return [
         score
@@ -203,7 +193,7 @@ def compare_records(a: Sequence[TraceRecord], b: Sequence[TraceRecord]) -> dict:
     differing = 0
     for x, y in zip(a, b):
         sx, sy = scores_of(x), scores_of(y)
-        same = without_scores(x) == without_scores(y) and len(sx) == len(sy) and all(map(close, sx, sy))
+        same = x.without_scores() == y.without_scores() and len(sx) == len(sy) and all(map(close, sx, sy))
         differing += not same
     return {"identical": differing == 0, "differing_problems": differing}
 

@@ -23,7 +23,7 @@ from cordgen.engines.placement import check_placement
 from cordgen.engines.routing import replica_for, split_by_replica
 from cordgen.errors import ConfigError, EngineError
 from cordgen.problems import Problem
-from tests.test_synth import recipe_data, run, strip_scores
+from tests.test_synth import recipe_data, run
 
 ray = pytest.importorskip("ray")
 
@@ -186,7 +186,7 @@ def replica_sets(pool) -> list:
 
 
 def assert_same_records(got, reference) -> None:
-    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in reference]
+    assert [r.without_scores() for r in got] == [r.without_scores() for r in reference]
     for a, b in zip(got, reference):
         assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
 

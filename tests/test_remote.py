@@ -33,7 +33,7 @@ from cordgen.records import TraceRecord
 from cordgen.store import RunDirectory
 from cordgen.synth import NoObserver, execute, plan_run
 from tests.conftest import ENGINE_DEFAULTS
-from tests.test_synth import recipe_data, run, strip_scores
+from tests.test_synth import recipe_data, run
 from tests.tiny_models import make_problems
 
 pytestmark = pytest.mark.engine
@@ -135,7 +135,7 @@ def test_remote_teacher_and_scorer_give_the_records_in_process_engines_give(
     inputs = [Problem(f"p{i}", p.question, p.answer) for i, p in enumerate(problems[:6])]
     expected = run(local, engine_pool, inputs)
     got = run(remote, engine_pool, inputs)
-    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in expected]
+    assert [r.without_scores() for r in got] == [r.without_scores() for r in expected]
     for a, b in zip(got, expected):
         assert [s.score for s in a.result.steps] == pytest.approx([s.score for s in b.result.steps], rel=1e-3)
     assert type(engine_pool.model(remote.scorer.engine)).__name__ == "RemoteModel"
@@ -423,7 +423,9 @@ def records_by_id(out: Path) -> dict[str, TraceRecord]:
 
 def assert_same_records(got: dict, expected: dict) -> None:
     """Records by id, equal but for the last bits of scores (batch shapes differ)."""
-    assert {i: strip_scores(r) for i, r in got.items()} == {i: strip_scores(r) for i, r in expected.items()}
+    assert {i: r.without_scores() for i, r in got.items()} == {
+        i: r.without_scores() for i, r in expected.items()
+    }
     for i, record in got.items():
         scores = [s.score for s in record.result.steps]
         assert scores == pytest.approx([s.score for s in expected[i].result.steps], rel=1e-3)

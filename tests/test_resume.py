@@ -24,7 +24,6 @@ from tests.test_synth import (
     assert_another_seed_changes_each,
     assert_same_records,
     recipe_data,
-    strip_scores,
     unseen_inputs,
 )
 from tests.tiny_models import make_problems
@@ -93,7 +92,7 @@ def records_of(out: Path) -> dict[str, dict]:
     lines = (out / "results.jsonl").read_bytes().splitlines()
     ids = [orjson.loads(line)["id"] for line in lines]
     assert len(ids) == len(set(ids)), "a problem was written twice"
-    return {r.id: strip_scores(r) for r in RunDirectory(out).records()}
+    return {r.id: r.without_scores() for r in RunDirectory(out).records()}
 
 
 @pytest.fixture(scope="module")

@@ -157,17 +157,6 @@ def test_pipelined_groups_give_the_lockstep_records_on_unseen_problems_and_follo
     assert_another_seed_changes_each(pipelined, reseeded)
 
 
-def strip_scores(record: TraceRecord) -> dict:
-    """A record without its floats: scores may differ in the last bits between batch shapes."""
-    data = record.model_dump(mode="json")
-    for trajectory in [data["result"], *data["alternatives"]]:
-        trajectory.pop("score")
-        for step in trajectory["steps"]:
-            step.pop("score"), step.pop("perplexity")
-    data["usage"].pop("scored_tokens_computed")
-    return data
-
-
 def scores_of(records: list[TraceRecord]) -> list[float]:
     """Every trajectory's and every step's score, in record order; NaN where there is none."""
     trajectories = [t for r in records for t in (r.result, *r.alternatives)]
@@ -177,7 +166,7 @@ def scores_of(records: list[TraceRecord]) -> list[float]:
 
 def assert_same_records(got: list[TraceRecord], expected: list[TraceRecord]) -> None:
     """Equal records, their scores to 1e-3: those may differ in the last bits between batch shapes."""
-    assert [strip_scores(r) for r in got] == [strip_scores(r) for r in expected]
+    assert [r.without_scores() for r in got] == [r.without_scores() for r in expected]
     assert scores_of(got) == pytest.approx(scores_of(expected), rel=1e-3, nan_ok=True)
 
 
@@ -196,7 +185,7 @@ def assert_another_seed_changes_each(records: list[TraceRecord], reseeded: list[
     """The negative control: another recipe seed gives every unseen problem another record, so
     equal records elsewhere are the seed's doing, not the tiny teachers' memory."""
     assert [r.id for r in reseeded] == [r.id for r in records]
-    unchanged = [a.id for a, b in zip(records, reseeded) if strip_scores(a) == strip_scores(b)]
+    unchanged = [a.id for a, b in zip(records, reseeded) if a.without_scores() == b.without_scores()]
     assert not unchanged, f"another seed, the same records for {unchanged}"
 
 

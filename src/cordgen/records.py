@@ -93,6 +93,18 @@ class TraceRecord(RecordModel):
     def to_json_line(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json")) + b"\n"
 
+    def without_scores(self) -> dict:
+        """What a resumed, sharded, re-batched or re-routed run must reproduce exactly: the record
+        less its score floats, whose last bits follow the batch shape, and less the scorer tokens
+        computed, which follow what each engine had cached."""
+        data = self.model_dump(mode="json")
+        for trajectory in [data["result"], *data["alternatives"]]:
+            trajectory.pop("score")
+            for step in trajectory["steps"]:
+                step.pop("score"), step.pop("perplexity"), step.pop("scores")
+        data["usage"].pop("scored_tokens_computed")
+        return data
+
 
 def finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
