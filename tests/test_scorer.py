@@ -193,3 +193,31 @@ def test_a_hybrid_on_one_engine_reads_both_kinds_in_one_call(alpha_model, proble
         assert h.components == {"predictive": pytest.approx(p.score), "verifier": pytest.approx(v.score)}
         assert h.score == pytest.approx(p.score * v.score**2, rel=1e-6)
         assert h.num_prompt_tokens == p.num_prompt_tokens + v.num_prompt_tokens
+
+
+def test_the_likelihood_matches_a_transformers_forward_pass_and_a_hybrid_reads_it_in_the_answers_request(
+    alpha_model, reference_model, problems
+):
+    requests = [ScoreRequest(p.question, p.steps[:k], p.answer) for p in problems[:3] for k in (1, 2)]
+    alpha_model.reset_prefix_cache()  # no step of these in the cache: none is re-read
+    hybrid, counted = kind_scorer(alpha_model, "hybrid", hybrid_with="likelihood", likelihood_weight=2.0)
+    scores = hybrid.score(requests)
+    assert counted.calls == [len(requests)]  # one request per candidate serves both kinds
+    scorer, _ = kind_scorer(alpha_model, "likelihood", reuse_prefix_cache=False)
+    reading = scorer.readings[0].reading
+    for request, step in zip(requests, scorer.score(requests)):
+        ids = reading.chat.encode(reading.chat.thinking_text(request.question, request.steps))
+        assert alpha_model.tokenizer.decode(ids[-len(step.step_logprobs) :]) == request.steps[-1]
+        with torch.no_grad():
+            logprobs = reference_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        start = len(ids) - len(step.step_logprobs)
+        expected = [logprobs[i - 1, ids[i]].item() for i in range(start, len(ids))]
+        assert step.step_logprobs == pytest.approx(expected, abs=1e-3)
+        assert step.components == {"likelihood": step.score}
+    predictive = make_scorer(alpha_model).score(requests)
+    alone = kind_scorer(alpha_model, "likelihood")[0].score(requests)
+    for h, p, s in zip(scores, predictive, alone):
+        assert h.components == {"predictive": pytest.approx(p.score), "likelihood": pytest.approx(s.score)}
+        assert h.score == pytest.approx(p.score * s.score**2, rel=1e-5)
+        step = h.parts[1][1]  # served by the predictive request: none of its tokens computed again
+        assert step.num_cached_tokens == step.num_prompt_tokens == s.num_prompt_tokens

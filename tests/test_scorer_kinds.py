@@ -1,6 +1,6 @@
-"""Step scorer kinds without engines: the verdict, reward and hybrid arithmetic, the seeded
-random ablation, what each kind loads, what enters the semantic hash, and plan-time errors for
-bad verdicts, verifier questions and PRM separators."""
+"""Step scorer kinds without engines: the verdict, reward, likelihood and hybrid arithmetic,
+merged spans, the seeded random ablation, what each kind loads, what enters the semantic hash,
+and plan-time errors for bad verdicts, verifier questions and PRM separators."""
 
 from __future__ import annotations
 
@@ -16,14 +16,17 @@ from pydantic import ValidationError
 from cordgen.config import Recipe, ScorerConfig, VerifierSettings, semantic_hash
 from cordgen.engines import (
     AnswerScore,
+    LikelihoodScore,
     RewardRequest,
     RewardScore,
     ScoreRequest,
+    SpanLogprobs,
+    SpanRequest,
     VerdictScore,
     WeightedScore,
     read_rewards,
 )
-from cordgen.engines.scorers import RandomScorer
+from cordgen.engines.scorers import RandomScorer, hosted_part, merged_spans
 from cordgen.errors import ConfigError, EngineError
 from tests.helpers import write_problems
 
@@ -60,6 +63,33 @@ def test_prm_rewards_are_a_softmax_at_each_separator_and_a_hybrid_weighs_the_lat
     assert (hybrid.num_prompt_tokens, hybrid.num_cached_tokens) == (70, 10)
 
 
+def test_the_likelihood_is_the_steps_mean_token_probability_and_an_empty_step_scores_zero():
+    step = LikelihoodScore((math.log(0.5), math.log(0.125)), 40, 30)
+    assert step.score == pytest.approx(0.25) and step.components == {"likelihood": pytest.approx(0.25)}
+    assert LikelihoodScore((), 40, 30).score == 0.0
+    hybrid = WeightedScore(((1.0, AnswerScore((math.log(0.5),), 44, 30)), (2.0, step)))
+    assert hybrid.score == pytest.approx(0.5 * 0.25**2)
+    assert hybrid.components == {"predictive": 0.5, "likelihood": pytest.approx(0.25)}
+
+
+def test_a_prompt_that_starts_another_of_the_same_candidate_is_read_from_that_ones_request():
+    spans = {
+        (0, 0, 0): SpanRequest([1, 2, 3, 4, 5, 6], 5),  # predictive: the answer after the trajectory
+        (0, 1, 0): SpanRequest([1, 2, 3, 4], 2),  # likelihood: the step inside it
+        (1, 0, 0): SpanRequest([1, 2, 3, 9, 9], 4),
+        (1, 1, 0): SpanRequest([1, 2, 3, 4], 2),  # same tokens, another candidate: its own request
+    }
+    hosts, host_of = merged_spans(spans)
+    assert list(hosts) == [(0, 0, 0), (1, 0, 0), (1, 1, 0)]
+    assert hosts[(0, 0, 0)] == SpanRequest([1, 2, 3, 4, 5, 6], 2)
+    assert host_of == {(0, 0, 0): (0, 0, 0), (0, 1, 0): (0, 0, 0), (1, 0, 0): (1, 0, 0), (1, 1, 0): (1, 1, 0)}
+    answer = SpanLogprobs((-0.1, -0.2, -0.3, -0.4), 2)
+    host = hosts[(0, 0, 0)]
+    assert hosted_part(answer, host, spans[(0, 0, 0)], own=True) == SpanLogprobs((-0.4,), 2)
+    assert hosted_part(answer, host, spans[(0, 1, 0)], own=False) == SpanLogprobs((-0.1, -0.2), 4)
+    assert hosted_part(SpanLogprobs(None, 3), host, spans[(0, 1, 0)], own=False).logprobs is None
+
+
 def test_random_scores_are_seeded_by_question_and_text_never_by_the_batch():
     requests = [ScoreRequest("q", ("a", s), "1", "p") for s in ("b", "c", "d")]
     batch = RandomScorer("random", 3).score(requests)
@@ -84,6 +114,9 @@ def test_random_scores_are_seeded_by_question_and_text_never_by_the_batch():
         ({"engine": A, "kind": "prm", "prm": {"engine": B}}, {"org/b": "s-prm"}),
         ({"engine": A, "kind": "hybrid", "prm": {"engine": B}}, {"org/a": "s", "org/b": "s-prm"}),
         ({"engine": A, "kind": "verifier", "prm": {"engine": B}}, {"org/a": "s"}),
+        ({"engine": A, "kind": "likelihood"}, {"org/a": "s"}),
+        ({"engine": A, "kind": "hybrid", "hybrid_with": "likelihood", "prm": {"engine": B}}, {"org/a": "s"}),
+        ({"engine": A, "kind": "hybrid", "hybrid_with": "verifier", "prm": {"engine": B}}, {"org/a": "s"}),
     ],
 )
 def test_each_kind_loads_the_engines_it_reads(scorer, loads):
@@ -98,6 +131,8 @@ def test_a_prm_is_loaded_by_the_pooling_runner_and_kind_prm_needs_one():
     assert prm.engine.runner == "pooling" and (prm.separator, prm.correct_label) == ("<extra_0>", 1)
     with pytest.raises(ValidationError, match=r"kind prm needs scorer.prm \(the reward model's engine\)"):
         ScorerConfig(engine=A, kind="prm")
+    with pytest.raises(ValidationError, match=r"hybrid_with prm needs scorer.prm"):
+        ScorerConfig(engine=A, kind="hybrid", hybrid_with="prm")
 
 
 def recipe(**scorer) -> Recipe:
@@ -119,6 +154,9 @@ def test_the_default_kind_leaves_the_semantic_hash_of_earlier_runs_and_others_ch
         recipe(kind="prm", prm={"engine": B, "separator": "<sep>"}),
         recipe(kind="hybrid", prm={"engine": B}),
         recipe(kind="hybrid", prm={"engine": B}, prm_weight=2.0),
+        recipe(kind="likelihood"),
+        recipe(kind="hybrid", hybrid_with="likelihood"),
+        recipe(kind="hybrid", hybrid_with="likelihood", likelihood_weight=0.5),
     ]
     assert len({plain, *(semantic_hash(r) for r in changed)}) == len(changed) + 1
 

@@ -169,6 +169,19 @@ def test_another_kind_rescores_a_finished_run_into_its_own_file(synth_run, engin
 
 
 @pytest.mark.engine
+def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone(synth_run, engine_pool):
+    plan = plan_scoring(synth_run, kind="likelihood")
+    assert plan.output.path == synth_run / "scores.likelihood.jsonl" and plan.scorer.engines() == {
+        plan.scorer.engine: plan.scorer.name
+    }
+    execute_scoring(plan, lambda records, tokens: None, pool=engine_pool)
+    records = {r.id: r for r in RunDirectory(synth_run).records()}
+    for problem_id, score in load_scores(plan.output.path).items():
+        assert score.kind == "likelihood" and len(score.steps) == len(records[problem_id].result.steps)
+        assert all(step.scores == {"likelihood": step.score} and 0 < step.score <= 1 for step in score.steps)
+
+
+@pytest.mark.engine
 def test_the_prm_kind_rescores_a_finished_run_into_scores_prm_jsonl(
     synth_run, engine_pool, prm_model, tiny_prm_dir, tmp_path
 ):

@@ -250,15 +250,21 @@ def test_cli_synth_writes_one_valid_record_per_problem(tiny_model_dirs, inputs, 
 class CountingPool:
     """The session's engines, each prompt-logprob call counted per model directory and whether it
     read the prefix cache (calls without are the placeholder guard's re-reads), and each reward
-    model call as (model directory, "step_rewards")."""
+    model call as (model directory, "step_rewards"). Like the pool it wraps, it gives the same
+    engine object for the same settings."""
 
     def __init__(self, inner, calls: Counter) -> None:
-        self.inner, self.calls = inner, calls
+        self.inner, self.calls, self.counted = inner, calls, {}
 
     def load(self, labels) -> None:
         self.inner.load(labels)
 
     def model(self, settings):
+        if settings not in self.counted:
+            self.counted[settings] = self.counting(settings)
+        return self.counted[settings]
+
+    def counting(self, settings):
         inner, calls = self.inner.model(settings), self.calls
 
         class Counted:
@@ -296,6 +302,23 @@ def test_a_hybrid_with_its_own_judge_reads_each_engine_once_a_round_and_records_
     assert [r.result.steps[0].scores for r in plain] == [
         {"predictive": r.result.steps[0].score} for r in plain
     ]
+
+
+def test_a_hybrid_with_the_likelihood_reads_the_scorer_once_a_round_and_records_both_kinds(
+    tiny_model_dirs, engine_pool, inputs
+):
+    data = recipe_data(tiny_model_dirs)
+    data["scorer"] |= {"kind": "hybrid", "hybrid_with": "likelihood"}
+    calls: Counter = Counter()
+    records = run(Recipe.model_validate(data), CountingPool(engine_pool, calls), inputs)
+    rounds = max(r.usage.rounds for r in records)
+    assert calls[(tiny_model_dirs["alpha"], True)] == rounds
+    for record in records:
+        for step in record.result.steps:
+            assert set(step.scores) == {"predictive", "likelihood"} and 0 < step.scores["likelihood"] <= 1
+            assert step.score == pytest.approx(
+                step.scores["predictive"] * step.scores["likelihood"], rel=1e-6
+            )
 
 
 def test_the_random_kind_loads_no_scorer_and_is_seeded(tiny_model_dirs, engine_pool, inputs):

@@ -222,7 +222,8 @@ class TeacherConfig(StrictModel):
     sampling: SamplingSettings = SamplingSettings()
 
 
-ScorerKind = Literal["predictive", "verifier", "prm", "hybrid", "random"]
+ScorerKind = Literal["predictive", "verifier", "prm", "likelihood", "hybrid", "random"]
+HybridJudge = Literal["verifier", "prm", "likelihood"]
 VERIFIER_FIELDS = re.compile(r"{(\w*)}")
 
 
@@ -285,8 +286,10 @@ class PrmSettings(StrictModel):
 class ScorerConfig(StrictModel):
     """Scores each candidate trajectory. `predictive` is the paper's meta-prover: how likely the
     trajectory makes the gold answer; `verifier` a judge's p(the latest step is correct); `prm`
-    a process reward model's p(correct) at the latest step; `hybrid` ranks by log S + w * log
-    p(correct), from the PRM when `prm` is set, else from the verifier; `random` is the ablation."""
+    a process reward model's p(correct) at the latest step; `likelihood` the scorer's own
+    confidence in the latest step, exp(mean log p(its tokens | the trajectory before it)); `hybrid`
+    ranks by log S + w * log(the other part), the part `hybrid_with` names (unset: the PRM when
+    `prm` is set, else the verifier); `random` is the ablation."""
 
     name: str = Field("scorer", pattern=NAME_PATTERN)
     engine: EngineSettings
@@ -294,7 +297,7 @@ class ScorerConfig(StrictModel):
     answer_suffix: str = "</think> The final answer is "
     kind: ScorerKind = Field(
         "predictive",
-        description="predictive | verifier | prm | hybrid | random",
+        description="predictive | verifier | prm | likelihood | hybrid | random",
         json_schema_extra=HASHED_UNLESS_DEFAULT,
     )
     verifier: VerifierSettings = Field(VerifierSettings(), json_schema_extra=HASHED_UNLESS_DEFAULT)
@@ -315,6 +318,17 @@ class ScorerConfig(StrictModel):
         description="hybrid with the PRM: w in log S + w * log p(correct)",
         json_schema_extra=HASHED_UNLESS_DEFAULT,
     )
+    likelihood_weight: float = Field(
+        1.0,
+        ge=0,
+        description="hybrid with the likelihood: w in log S + w * mean log p(step tokens)",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
+    hybrid_with: HybridJudge | None = Field(
+        None,
+        description="hybrid's other part; unset: prm when scorer.prm is set, else verifier",
+        json_schema_extra=HASHED_UNLESS_DEFAULT,
+    )
     reuse_prefix_cache: bool = Field(True, json_schema_extra=THROUGHPUT)
     max_requests_per_call: int = Field(
         256,
@@ -328,13 +342,15 @@ class ScorerConfig(StrictModel):
         """A reward model has no default: kind prm must name one."""
         if self.kind == "prm" and self.prm is None:
             raise ValueError("kind prm needs scorer.prm (the reward model's engine)")
+        if self.hybrid_with == "prm" and self.prm is None:
+            raise ValueError("hybrid_with prm needs scorer.prm (the reward model's engine)")
         return self
 
     @property
     def components(self) -> tuple[str, ...]:
         """The scores this kind reads: a hybrid reads two and ranks by their weighted log sum."""
         if self.kind == "hybrid":
-            return ("predictive", "verifier" if self.prm is None else "prm")
+            return ("predictive", self.hybrid_with or ("verifier" if self.prm is None else "prm"))
         return (self.kind,)
 
     @property
@@ -349,7 +365,7 @@ class ScorerConfig(StrictModel):
     def engines(self) -> dict[EngineSettings, str]:
         """The engines this scorer reads, each with the role name it loads under."""
         engines: dict[EngineSettings, str] = {}
-        if "predictive" in self.components:
+        if {"predictive", "likelihood"} & set(self.components):
             engines[self.engine] = self.name
         if self.judge is not None:
             judge = self.judge[0]

@@ -91,6 +91,27 @@ class AnswerScore:
 
 
 @dataclass(frozen=True)
+class LikelihoodScore:
+    """The scorer's confidence in the latest step: exp(mean log p(step tokens | the trajectory
+    before it)). A step with no tokens scores 0: there is nothing to be confident in."""
+
+    step_logprobs: tuple[float, ...]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    rescored: bool = False
+
+    @property
+    def score(self) -> float:
+        if not self.step_logprobs:
+            return 0.0
+        return math.exp(math.fsum(self.step_logprobs) / len(self.step_logprobs))
+
+    @property
+    def components(self) -> dict[str, float]:
+        return {"likelihood": self.score}
+
+
+@dataclass(frozen=True)
 class VerdictScore:
     """A judge's p(correct) = p(yes) / (p(yes) + p(no)) for the trajectory's latest step, from the
     logprobs of the two verdict tokens after the same prompt."""
@@ -152,7 +173,7 @@ class RewardScore:
 class WeightedScore:
     """Several kinds on a common log scale: log score = sum of weight * log(part's score)."""
 
-    parts: tuple[tuple[float, AnswerScore | VerdictScore | RewardScore], ...]
+    parts: tuple[tuple[float, AnswerScore | LikelihoodScore | VerdictScore | RewardScore], ...]
 
     @property
     def score(self) -> float:

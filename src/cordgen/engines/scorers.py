@@ -1,25 +1,29 @@
 """Step scorers on any EngineModel: the paper's predictive score, a generative verifier, a
-process reward model, a hybrid of the predictive score with either, and the random ablation.
+process reward model, the scorer's likelihood of the latest step, a hybrid of the predictive
+score with any of those, and the random ablation.
 
 Each engine-backed kind turns a trajectory into engine requests (the predictive kind: the gold
 answer after the trajectory; the verifier: each verdict token after the trajectory and its
-question; the PRM: the trajectory with a separator after each step) and reads its value from
-the answers. One pass per scorer engine per batch serves every kind that engine reads: one
-`span_logprobs` call (chunked) for a generating engine, so a hybrid whose judge is the scorer's
-own model still costs one call and shares its prefixes, and one `step_rewards` call for a PRM.
+question; the PRM: the trajectory with a separator after each step; the likelihood: the latest
+step after the trajectory before it) and reads its value from the answers. One pass per scorer
+engine per batch serves every kind that engine reads: one `span_logprobs` call (chunked) for a
+generating engine, so a hybrid whose other part the scorer's own model reads still costs one
+call and shares its prefixes (the likelihood even its request), and one `step_rewards` call for
+a PRM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from cordgen.config import ScorerConfig, StepFormat
 from cordgen.engines import (
     AnswerScore,
     EngineModel,
+    LikelihoodScore,
     RandomScore,
     RewardRequest,
     RewardScore,
@@ -35,7 +39,7 @@ from cordgen.engines import (
 from cordgen.engines.pool import EnginePool
 from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
-from cordgen.prompts import ChatPrompt
+from cordgen.prompts import ChatPrompt, step_header
 
 EngineRequest = SpanRequest | RewardRequest
 EngineAnswer = SpanLogprobs | StepRewards
@@ -81,6 +85,36 @@ class PredictiveReading:
         (span,), (prompt,) = spans, prompts
         assert span.logprobs is not None
         return AnswerScore(span.logprobs, len(prompt.prompt), span.num_cached_tokens, rescored)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+class LikelihoodReading:
+    """The scorer's confidence in the latest step: the prompt logprobs of its tokens after the
+    trajectory before it. Its prompt is a prefix of the predictive kind's, so a hybrid reads both
+    from one request (EngineScorer merges them)."""
+
+    kind = "likelihood"
+
+    def __init__(self, config: ScorerConfig, model: EngineModel, fmt: StepFormat) -> None:
+        self.model, self.fmt = model, fmt
+        self.chat = ChatPrompt(model.tokenizer, config.chat, fmt)
+
+    def spans(self, request: ScoreRequest) -> tuple[SpanRequest, ...] | None:
+        ids = self.chat.encode(self.chat.thinking_text(request.question, request.steps))
+        earlier = self.chat.thinking_text(request.question, request.steps[:-1])
+        header = self.chat.encode(earlier + step_header(self.fmt, len(request.steps)))
+        start = common_prefix(header, ids)  # the step's first token (a merge across it: from there)
+        return (SpanRequest(ids, start, request.route),) if fits(self.model, ids) else None
+
+    def read(
+        self, spans: Sequence[SpanLogprobs], prompts: Sequence[SpanRequest], rescored: bool
+    ) -> LikelihoodScore:
+        (span,), (prompt,) = spans, prompts
+        assert span.logprobs is not None
+        return LikelihoodScore(span.logprobs, len(prompt.prompt), span.num_cached_tokens, rescored)
 
 
 def single_token(chat: ChatPrompt, text: str, field: str, role: str, model: str) -> int:
@@ -193,6 +227,37 @@ SpanKey = tuple[int, int, int]  # (request, reading, span of that reading)
 Read = tuple[EngineAnswer, bool]  # the answer, and whether it was read again without cache reads
 
 
+def merged_spans(
+    spans: dict[SpanKey, SpanRequest],
+) -> tuple[dict[SpanKey, SpanRequest], dict[SpanKey, SpanKey]]:
+    """One request per candidate where one prompt holds another's (the likelihood kind's prompt
+    starts the predictive kind's): the longer one is read from the earlier start, so the tokens
+    are computed once and no cache read by a sibling request reaches into a span. Returns the
+    requests to send, and for every span the request that serves it."""
+    hosts: dict[SpanKey, SpanRequest] = {}
+    host_of: dict[SpanKey, SpanKey] = {}
+    of_candidate: dict[int, list[SpanKey]] = {}
+    for key in sorted(spans, key=lambda k: (k[0], -len(spans[k].prompt))):
+        prompt, mine = spans[key].prompt, of_candidate.setdefault(key[0], [])
+        host = next((h for h in mine if hosts[h].prompt[: len(prompt)] == prompt), None)
+        if host is None:
+            hosts[key], host_of[key] = spans[key], key
+            mine.append(key)
+        else:
+            hosts[host] = replace(hosts[host], start=min(hosts[host].start, spans[key].start))
+            host_of[key] = host
+    return {key: hosts[key] for key in spans if key in hosts}, host_of  # in the batch's order
+
+
+def hosted_part(answer: SpanLogprobs, host: SpanRequest, span: SpanRequest, own: bool) -> SpanLogprobs:
+    """A span's logprobs out of the request that served it. Another span's request computed its
+    tokens, so none of them are counted as computed for it."""
+    if answer.logprobs is None:
+        return answer
+    part = answer.logprobs[span.start - host.start : len(span.prompt) - host.start]
+    return SpanLogprobs(part, answer.num_cached_tokens if own else len(span.prompt))
+
+
 @dataclass(frozen=True)
 class Weighted:
     reading: Reading
@@ -216,12 +281,16 @@ class EngineScorer:
         """(answer, read again without cache reads) for every request one engine serves."""
         if id(model) in self.reward_engines:
             return {k: (r, False) for k, r in zip(spans, model.step_rewards(list(spans.values())))}
+        hosts, host_of = merged_spans(spans)
         reuse = self.config.reuse_prefix_cache
-        found = {k: (r, False) for k, r in self._run(model, spans, list(spans), reuse).items()}
+        found = {k: (r, False) for k, r in self._run(model, hosts, list(hosts), reuse).items()}
         untrusted = [k for k, (r, _) in found.items() if r.logprobs is None]
         if untrusted and reuse:
-            found.update({k: (r, True) for k, r in self._run(model, spans, untrusted, False).items()})
-        return found
+            found.update({k: (r, True) for k, r in self._run(model, hosts, untrusted, False).items()})
+        return {
+            key: (hosted_part(found[host][0], hosts[host], spans[key], host == key), found[host][1])
+            for key, host in host_of.items()
+        }
 
     def _run(
         self, model: EngineModel, spans: dict[SpanKey, SpanRequest], keys: Sequence[SpanKey], read_cache: bool
@@ -289,6 +358,9 @@ def build_scorer(
     readings = []
     if "predictive" in config.components:
         readings.append(Weighted(PredictiveReading(config, pool.model(config.engine), fmt), 1.0))
+    if "likelihood" in config.components:
+        weight = config.likelihood_weight if hybrid else 1.0
+        readings.append(Weighted(LikelihoodReading(config, pool.model(config.engine), fmt), weight))
     if config.judge is not None:
         weight = config.verifier_weight if hybrid else 1.0
         readings.append(Weighted(VerdictReading(config, pool.model(config.judge[0]), fmt), weight))
