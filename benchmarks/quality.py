@@ -59,7 +59,7 @@ class Variant:
     teachers: tuple[str, ...] = ()  # empty: every teacher of the recipe
     scorer: str = "scorer"  # the recipe's scorer or "scorer-final" (its ablation)
     kind: str = "predictive"  # scorer.kind; on the demo, verifier and hybrid ask its verifier (JUDGE)
-    judge: str = "verifier"  # a hybrid's other half: the demo's "verifier" or its "prm"
+    judge: str = "verifier"  # a hybrid's other half: the demo's "verifier", its "prm", or "likelihood"
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
     schedule: str = "all"  # adaptive: warm-started from the pilot run
@@ -83,6 +83,8 @@ VARIANTS = (
     Variant("cord, hybrid", "scorer", kind="hybrid"),
     Variant("cord, prm", "scorer", kind="prm", judge="prm"),
     Variant("cord, hybrid with prm", "scorer", kind="hybrid", judge="prm"),
+    Variant("cord, likelihood", "scorer", kind="likelihood"),
+    Variant("cord, hybrid with likelihood", "scorer", kind="hybrid", judge="likelihood"),
 )
 # The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.
 JUDGE = {"prompt": "\n\nCheck step {step}:{latest}Correct?", "yes": " Yes", "no": " No"}
@@ -119,8 +121,9 @@ def demo_model(base: Recipe, name: str) -> Path:
 
 
 def has_judge(base: Recipe, variant: Variant) -> bool:
-    """A judged kind needs the demo verifier (or PRM), or a recipe that set up its own judge."""
-    if variant.kind not in JUDGED_KINDS:
+    """A judged kind needs the demo verifier (or PRM), or a recipe that set up its own judge; the
+    likelihood is the scorer's own."""
+    if variant.kind not in JUDGED_KINDS or variant.judge == "likelihood":
         return True
     if variant.judge == "prm":
         return base.scorer.prm is not None or demo_model(base, "prm").is_dir()
@@ -154,6 +157,8 @@ def variant_recipe(base: Recipe, variant: Variant, seed: int, warm_start: Path |
     data["scorer"]["kind"] = variant.kind  # random: the search keeps random children, not likely ones
     if variant.kind in JUDGED_KINDS:
         with_demo_judge(data["scorer"], base, variant)
+    if variant.kind == "hybrid":
+        data["scorer"]["hybrid_with"] = variant.judge
     data["search"]["strategy"] = variant.strategy
     if variant.beam_width is not None:
         data["search"]["beam_width"] = variant.beam_width
@@ -377,6 +382,8 @@ RANKED = (
     "cord, hybrid",
     "cord, prm",
     "cord, hybrid with prm",
+    "cord, likelihood",
+    "cord, hybrid with likelihood",
 )
 
 

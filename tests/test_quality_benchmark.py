@@ -169,6 +169,22 @@ def test_prm_variants_ask_the_demo_prm_with_its_own_tokenizer_folder_where_it_sh
     assert quality.variant_recipe(base, variants["cord, prm"], 0).scorer.kind == "prm"
 
 
+def test_likelihood_variants_need_no_judge_and_read_the_scorer_alone(tmp_path):
+    from cordgen.config import Recipe, load_recipe
+
+    data = load_recipe(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model_dump()
+    data["scorer"]["engine"]["model"] = str(tmp_path / "scorer")  # no verifier, no PRM beside it
+    base = Recipe.model_validate(data)
+    variants = {v.name: v for v in quality.VARIANTS}
+    for name, components in [
+        ("cord, likelihood", ("likelihood",)),
+        ("cord, hybrid with likelihood", ("predictive", "likelihood")),
+    ]:
+        assert quality.has_judge(base, variants[name])
+        scorer = quality.variant_recipe(base, variants[name], 0).scorer
+        assert scorer.components == components and set(scorer.engines().values()) == {"scorer"}
+
+
 def test_a_recipe_of_other_problems_needs_a_pilot_only_for_adaptive_rows_and_cannot_draw(tmp_path):
     from cordgen.config import load_recipe
 
