@@ -349,7 +349,7 @@ def score(
     kind: str | None = typer.Option(
         None,
         "--kind",
-        help="Scorer kind: predictive, verifier, prm, hybrid or random (default: the recipe's); "
+        help="Scorer kind: predictive, verifier, prm, likelihood, hybrid or random (default: the recipe's); "
         "another kind than the recipe's writes scores.KIND.jsonl.",
     ),
     verifier: str | None = typer.Option(
