@@ -38,6 +38,10 @@ class RewardModel(torch.nn.Module):
             torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2)
         )
 
+    @property
+    def device(self) -> torch.device:
+        return self.score[0].weight.device
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -92,7 +96,7 @@ def save_reward_model(model: RewardModel, tokenizer: PreTrainedTokenizerFast, di
     which splits the demo's text differently, so the engine is given the tokenizer's own folder
     (`engine.tokenizer`) and the model's folder holds none to be misread."""
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(weights, str(directory / "model.safetensors"))
     model.config.save_pretrained(directory)
     tokenizer.save_pretrained(directory / TOKENIZER)

@@ -3,6 +3,7 @@
     python benchmarks/demo_models/train.py --out benchmarks/demo_models/weights          # full run
     python benchmarks/demo_models/train.py --out /tmp/demo --quick                       # smoke test
     python benchmarks/demo_models/train.py --out ... --models teacher-b --teacher-steps 900
+    python benchmarks/demo_models/train.py --out W --models prm --prm-steps 12000 --prm-lr 5e-4 --device cuda
 
 One clean model is trained from random weights on correct traces in the ChatML style; each
 teacher is cut out of it into its own tokenizer (embedding rows looked up by string, strings the
@@ -257,8 +258,9 @@ def evaluate_judge(model: LlamaForCausalLM, judge: Judge, problems: Sequence[tas
     for problem in problems:
         for _ in range(2):
             steps, correct = judged_steps(problem, rng)
+            ids = torch.tensor([judge.prompt(problem, steps)], device=model.device)
             with torch.no_grad():
-                logits = model(torch.tensor([judge.prompt(problem, steps)])).logits[0, -1]
+                logits = model(ids).logits[0, -1]
             yes, no = (logits[v].item() for v in judge.verdicts)
             hit = (yes > no) == correct
             right, n = right + hit, n + 1
@@ -277,17 +279,23 @@ def log(message: str) -> None:
 
 
 def train(
-    name: str, model: LlamaForCausalLM, data: Iterator[dict[str, torch.Tensor]], budget: Budget
+    name: str,
+    model: torch.nn.Module,
+    data: Iterator[dict[str, torch.Tensor]],
+    budget: Budget,
+    device: torch.device,
 ) -> dict:
     """AdamW with a cosine schedule, under bf16 autocast (1.3-1.6x faster than fp32 on these
-    CPUs); the weights themselves stay fp32."""
+    CPUs); the weights themselves stay fp32. Batches are built on the CPU and moved to `device`;
+    the model is left there for its evaluation."""
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP * budget.steps), budget.steps)
     model.train()
     losses, start = [], time.perf_counter()
     for step, batch in enumerate(data, start=1):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -302,12 +310,19 @@ def train(
     return {"train_s": round(time.perf_counter() - start, 1), "final_loss": round(sum(tail) / len(tail), 4)}
 
 
-def fit(name: str, model: LlamaForCausalLM, source: Source, budget: Budget, truncated: float = 0.0) -> dict:
+def fit(
+    name: str,
+    model: LlamaForCausalLM,
+    source: Source,
+    budget: Budget,
+    device: torch.device,
+    truncated: float = 0.0,
+) -> dict:
     """Trains on a fresh pool of training-split problems drawn with the model's own seed."""
     seed = SEEDS[name]
     torch.manual_seed(seed)
     problems = task.sample_problems(budget.problems, seed)
-    record = train(name, model, batches(source, problems, budget.steps, seed, truncated), budget)
+    record = train(name, model, batches(source, problems, budget.steps, seed, truncated), budget, device)
     data = {"seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps, "truncated_share": truncated}
     return {**asdict(budget), **data, **record}
 
@@ -332,9 +347,9 @@ def generate(
 ) -> list[str]:
     """Greedy continuations of left-padded prompts, `limit` tokens at most."""
     width, pad = max(map(len, prompts)), tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    starts = torch.tensor([width - len(p) for p in prompts])
-    mask = (torch.arange(width)[None, :] >= starts[:, None]).long()
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    starts = torch.tensor([width - len(p) for p in prompts], device=model.device)
+    mask = (torch.arange(width, device=model.device)[None, :] >= starts[:, None]).long()
     with torch.no_grad():
         out = model.generate(
             input_ids=ids,
@@ -421,6 +436,7 @@ class Run:
     truncated: float
     heldout: tuple[task.Problem, ...]
     eval_tokens: int
+    device: torch.device
 
 
 def finish(
@@ -454,7 +470,7 @@ def clean_model(run: Run, report: dict) -> tuple[LlamaForCausalLM, PreTrainedTok
     torch.manual_seed(SEEDS["clean"])
     model = LlamaForCausalLM(model_config(tokenizer))
     record = {"style": CLEAN_STYLE, "bug": None, "init": "random"}
-    record |= fit("clean", model, Source(tokenizer), run.budgets["clean"])
+    record |= fit("clean", model, Source(tokenizer), run.budgets["clean"], run.device)
     finish(run, "clean", model, tokenizer, None, record, report)
     return model, tokenizer
 
@@ -476,14 +492,14 @@ def train_from_clean(run: Run, report: dict) -> None:
             model = cut_model(clean, clean_tokenizer, tokenizer)
             record = {"style": style, "bug": bug, "init": "clean"}
             budget = run.budgets.get(name, run.budgets["teacher"])
-            record |= fit(name, model, Source(tokenizer, bug), budget)
+            record |= fit(name, model, Source(tokenizer, bug), budget, run.device)
             finish(run, name, model, tokenizer, bug, record, report)
     for name, truncated in SCORERS.items():
         if name in run.models:
             share = run.truncated if truncated is None else truncated
             model = cut_model(clean, clean_tokenizer, clean_tokenizer)
             record = {"style": CLEAN_STYLE, "bug": None, "init": "clean"}
-            record |= fit(name, model, Source(clean_tokenizer), run.budgets["scorer"], share)
+            record |= fit(name, model, Source(clean_tokenizer), run.budgets["scorer"], run.device, share)
             finish(run, name, model, clean_tokenizer, None, record, report)
 
 
@@ -498,7 +514,7 @@ def train_verifier(run: Run, report: dict) -> None:
     problems = task.sample_problems(budget.problems, seed)
     record = {"style": VERIFIER_STYLE, "bug": None, "init": "scorer", "prompt": VERIFIER.prompt}
     record |= {**asdict(budget), "seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps}
-    record |= train("verifier", model, judge_batches(judge, problems, budget.steps, seed), budget)
+    record |= train("verifier", model, judge_batches(judge, problems, budget.steps, seed), budget, run.device)
     finish(run, "verifier", model, tokenizer, None, record, report, judge)
 
 
@@ -547,7 +563,7 @@ def evaluate_rewards(model: RewardModel, rewards: Rewards, problems: Sequence[ta
             steps, _ = judged_steps(problem, rng)
             ids = rewards.prompt(problem, steps)
             with torch.no_grad():
-                logits = model(torch.tensor([ids])).logits[0]
+                logits = model(torch.tensor([ids], device=model.device)).logits[0]
             last = max(i for i, token in enumerate(ids) if token == rewards.separator)
             said = logits[last, 1].item() > logits[last, 0].item()
             hits.append((said == bool(prefix_labels(problem, steps)[-1]), len(steps) < len(problem.ops)))
@@ -577,7 +593,7 @@ def train_prm(run: Run, report: dict) -> None:
     )
     record = {"style": PRM_STYLE, "bug": None, "init": "scorer", "separator": PRM_SEPARATOR}
     record |= {**asdict(budget), "seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps}
-    record |= train("prm", model, data, budget)
+    record |= train("prm", model, data, budget, run.device)
     saved_tokenizer = save_reward_model(model, tokenizer, run.out / "prm")
     sample = task.sample_problems(1, 0)[0]
     check_saved_tokenizer(tokenizer, saved_tokenizer, rewards.text(sample, task.render_trace(sample).steps))
@@ -599,6 +615,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     for stage in BUDGETS:
         parser.add_argument(f"--{stage}-steps", type=int, help=f"override the {stage} step budget")
+        parser.add_argument(f"--{stage}-lr", type=float, help=f"override the {stage} learning rate")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     parser.add_argument(
         "--scorer-truncated", type=float, default=SCORER_TRUNCATED, help="share of cut traces"
     )
@@ -610,18 +628,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def overridden(budget: Budget, args: argparse.Namespace, stage: str) -> Budget:
+    steps, lr = getattr(args, f"{stage}_steps"), getattr(args, f"{stage}_lr")
+    return replace(budget, steps=steps or budget.steps, lr=lr or budget.lr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
-    budgets = {
-        k: replace(b, steps=getattr(args, f"{k.replace('-', '_')}_steps") or b.steps)
-        for k, b in budgets.items()
-    }
+    budgets = {k: overridden(b, args, k.replace("-", "_")) for k, b in budgets.items()}
     eval_problems = args.eval_problems or (QUICK_EVAL_PROBLEMS if args.quick else EVAL_PROBLEMS)
     heldout = tuple(task.sample_problems(eval_problems, SEEDS["heldout"], "heldout"))
     eval_tokens = QUICK_EVAL_TOKENS if args.quick else MAX_LENGTH
-    run = Run(args.out, tuple(args.models.split(",")), budgets, args.scorer_truncated, heldout, eval_tokens)
+    models = tuple(args.models.split(","))
+    run = Run(
+        args.out, models, budgets, args.scorer_truncated, heldout, eval_tokens, torch.device(args.device)
+    )
     report_path = args.out / "training.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
     report["last_run"] = {  # per-model settings are in each model's record
@@ -630,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "batch": BATCH,
         "warmup": WARMUP,
         "threads": THREADS,
+        "device": args.device,
         "scorer_truncated": args.scorer_truncated,
         "heldout": {"problems": eval_problems, "seed": SEEDS["heldout"], "max_new_tokens": eval_tokens},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
