@@ -111,6 +111,11 @@ RECIPE_EDITS = [
         "b: chat_template",
     ),
     (
+        "a hybrid's other part on another kind",
+        lambda d: d["scorer"].update(hybrid_with="likelihood"),
+        "scorer: Value error, hybrid_with is read only by kind hybrid, not by kind predictive",
+    ),
+    (
         "unknown tokenizer path",
         lambda d: d["scorer"]["engine"].update(tokenizer="./no/tok"),
         "model path does not exist: ./no/tok",

@@ -27,7 +27,8 @@ from cordgen.engines import (
     read_rewards,
 )
 from cordgen.engines.scorers import RandomScorer, hosted_part, merged_spans
-from cordgen.errors import ConfigError, EngineError
+from cordgen.errors import ConfigError, CordgenError, EngineError
+from cordgen.scoring import kind_label, rekinded
 from tests.helpers import write_problems
 
 A, B = {"model": "org/a"}, {"model": "org/b"}
@@ -133,6 +134,25 @@ def test_a_prm_is_loaded_by_the_pooling_runner_and_kind_prm_needs_one():
         ScorerConfig(engine=A, kind="prm")
     with pytest.raises(ValidationError, match=r"hybrid_with prm needs scorer.prm"):
         ScorerConfig(engine=A, kind="hybrid", hybrid_with="prm")
+
+
+def test_a_hybrids_other_part_is_refused_on_another_kind_and_re_read_as_cordgen_score_asks():
+    with pytest.raises(
+        ValidationError, match=r"hybrid_with is read only by kind hybrid, not by kind verifier"
+    ):
+        ScorerConfig(engine=A, kind="verifier", hybrid_with="likelihood")
+    predictive, hybrid = (
+        ScorerConfig(engine=A),
+        ScorerConfig(engine=A, kind="hybrid", hybrid_with="likelihood"),
+    )
+    assert rekinded(predictive, "hybrid", None).components == ("predictive", "verifier")
+    assert kind_label(rekinded(predictive, "hybrid", None)) == "hybrid"
+    relabelled = rekinded(predictive, "hybrid", "likelihood")
+    assert relabelled.components == hybrid.components and kind_label(relabelled) == "hybrid-likelihood"
+    assert rekinded(hybrid, "verifier", None).hybrid_with is None  # another kind keeps no other part
+    assert rekinded(hybrid, None, None) == hybrid
+    with pytest.raises(CordgenError, match=r"--hybrid-with is read only by kind hybrid, not by kind prm"):
+        rekinded(hybrid, "prm", "likelihood")
 
 
 def recipe(**scorer) -> Recipe:
@@ -249,6 +269,9 @@ def test_a_prm_separator_of_several_tokens_stops_the_plan_naming_field_and_model
     check_scorer_tokens(fine, fmt)
     with pytest.raises(ConfigError, match=r"^scorer.prm: kind prm needs a reward model"):
         check_scorer_tokens(fine.model_copy(update={"prm": None}), fmt)
+    hybrid = fine.model_copy(update={"kind": "hybrid", "hybrid_with": "prm", "prm": None})
+    with pytest.raises(ConfigError, match=r"^scorer.prm: kind hybrid with prm needs a reward model"):
+        check_scorer_tokens(hybrid, fmt)
     line = plan_error(prm_recipe(tmp_path, tiny_model_dirs["alpha"], tiny_prm_dir, "<step>"))
     assert line.startswith("error: scorer.prm.separator: '<step>' is ")
     assert f"tokens of {tiny_prm_dir}'s tokenizer" in line

@@ -169,7 +169,9 @@ def test_another_kind_rescores_a_finished_run_into_its_own_file(synth_run, engin
 
 
 @pytest.mark.engine
-def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone(synth_run, engine_pool):
+def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone_and_a_hybrid_names_it(
+    synth_run, engine_pool
+):
     plan = plan_scoring(synth_run, kind="likelihood")
     assert plan.output.path == synth_run / "scores.likelihood.jsonl" and plan.scorer.engines() == {
         plan.scorer.engine: plan.scorer.name
@@ -179,6 +181,11 @@ def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone(synth
     for problem_id, score in load_scores(plan.output.path).items():
         assert score.kind == "likelihood" and len(score.steps) == len(records[problem_id].result.steps)
         assert all(step.scores == {"likelihood": step.score} and 0 < step.score <= 1 for step in score.steps)
+    hybrid = plan_scoring(synth_run, kind="hybrid", hybrid_with="likelihood")
+    assert hybrid.output.path == synth_run / "scores.hybrid-likelihood.jsonl"
+    assert hybrid.scorer.components == ("predictive", "likelihood")
+    with pytest.raises(CordgenError, match="--hybrid-with is read only by kind hybrid, not by kind verifier"):
+        plan_scoring(synth_run, kind="verifier", hybrid_with="likelihood")
 
 
 @pytest.mark.engine

@@ -16,7 +16,7 @@ from cordgen import __version__
 from cordgen.errors import INTERRUPTED, RUN_FAILED, CordgenError
 
 if TYPE_CHECKING:
-    from cordgen.config import ScorerKind
+    from cordgen.config import HybridJudge, ScorerKind
     from cordgen.export import ExportReport
 
 app = typer.Typer(
@@ -358,6 +358,11 @@ def score(
     prm: str | None = typer.Option(
         None, "--prm", help="The process reward model for prm/hybrid: a model id or directory."
     ),
+    hybrid_with: str | None = typer.Option(
+        None,
+        "--hybrid-with",
+        help="The hybrid's other part: verifier, prm or likelihood (default: the recipe's).",
+    ),
 ) -> None:
     """Per-step scores (the recipe's scorer kind, or --kind) and final-answer correctness
     (math-verify) for every trace.
@@ -366,9 +371,9 @@ def score(
     from cordgen.scoring import ForeignFields, plan_scoring
 
     fields = ForeignFields(id_field, question_field, answer_field, response_field, messages_field)
-    chosen = scorer_kind(kind)
+    chosen, other = scorer_kind(kind), hybrid_part(hybrid_with)
     with one_line_errors():
-        plan = plan_scoring(source, out, scorer, config, fields, overwrite, chosen, verifier, prm)
+        plan = plan_scoring(source, out, scorer, config, fields, overwrite, chosen, verifier, prm, other)
         run_score(plan, batch_size, timeout, quiet, verbose)
 
 
@@ -379,6 +384,15 @@ def scorer_kind(kind: str | None) -> ScorerKind | None:
     if kind is not None and kind not in kinds:
         raise typer.BadParameter(f"{kind!r} is not one of {', '.join(kinds)}", param_hint="--kind")
     return cast("ScorerKind | None", kind)
+
+
+def hybrid_part(part: str | None) -> HybridJudge | None:
+    from cordgen.config import HybridJudge
+
+    parts = get_args(HybridJudge)
+    if part is not None and part not in parts:
+        raise typer.BadParameter(f"{part!r} is not one of {', '.join(parts)}", param_hint="--hybrid-with")
+    return cast("HybridJudge | None", part)
 
 
 def run_score(plan, batch_size: int, timeout: float, quiet: bool, verbose: bool) -> None:

@@ -344,6 +344,8 @@ class ScorerConfig(StrictModel):
             raise ValueError("kind prm needs scorer.prm (the reward model's engine)")
         if self.hybrid_with == "prm" and self.prm is None:
             raise ValueError("hybrid_with prm needs scorer.prm (the reward model's engine)")
+        if self.hybrid_with is not None and self.kind != "hybrid":
+            raise ValueError(f"hybrid_with is read only by kind hybrid, not by kind {self.kind}")
         return self
 
     @property

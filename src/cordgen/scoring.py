@@ -18,6 +18,7 @@ from typing import Any
 from cordgen.config import (
     EngineDefaults,
     EngineSettings,
+    HybridJudge,
     PrmSettings,
     Recipe,
     ScorerConfig,
@@ -174,6 +175,21 @@ class ScoringPlan:
         return self.output.path.with_suffix(".engines.log")
 
 
+def rekinded(scorer: ScorerConfig, kind: ScorerKind | None, hybrid_with: HybridJudge | None) -> ScorerConfig:
+    """The recipe's scorer read as `kind`, a hybrid's other part as `hybrid_with`: a kind that is
+    not a hybrid keeps no other part."""
+    kind = kind or scorer.kind
+    if hybrid_with is not None and kind != "hybrid":
+        raise CordgenError(f"--hybrid-with is read only by kind hybrid, not by kind {kind}")
+    other = (hybrid_with or scorer.hybrid_with) if kind == "hybrid" else None
+    return scorer.model_copy(update={"kind": kind, "hybrid_with": other})
+
+
+def kind_label(scorer: ScorerConfig) -> str:
+    """`hybrid-likelihood` where a hybrid names its other part, else the kind."""
+    return f"hybrid-{scorer.hybrid_with}" if scorer.hybrid_with else scorer.kind
+
+
 def scorer_label(name: str, kind: str) -> str:
     return name if kind == "predictive" else f"{name} ({kind})"
 
@@ -188,10 +204,11 @@ def plan_scoring(
     kind: ScorerKind | None = None,
     verifier_spec: str | None = None,
     prm_spec: str | None = None,
+    hybrid_with: HybridJudge | None = None,
 ) -> ScoringPlan:
-    """`kind` re-reads a finished run (or a foreign JSONL) with another scorer kind, into its own
-    file unless `out` names one; `verifier_spec` names the judge (a teacher or a model),
-    `prm_spec` the process reward model (a model)."""
+    """`kind` (and, for a hybrid, `hybrid_with`) re-reads a finished run (or a foreign JSONL) with
+    another scorer kind, into its own file unless `out` names one; `verifier_spec` names the judge
+    (a teacher or a model), `prm_spec` the process reward model (a model)."""
     if source.is_dir():
         run_dir = RunDirectory(source)
         if not run_dir.results_path.exists():
@@ -211,9 +228,10 @@ def plan_scoring(
     fmt = recipe.format if recipe else StepFormat()
     teachers = list(recipe.teachers) if recipe else []
     scorer = pick_scorer(recipe, scorer_spec, teachers) if scorer_spec is not None else recipe.scorer
-    if kind is not None and kind != scorer.kind:
-        scorer = scorer.model_copy(update={"kind": kind})
-        default_out = default_out.with_suffix(f".{kind}.jsonl")
+    chosen = rekinded(scorer, kind, hybrid_with)
+    if chosen.components != scorer.components:
+        default_out = default_out.with_suffix(f".{kind_label(chosen)}.jsonl")
+    scorer = chosen
     if verifier_spec is not None:
         judge = pick_scorer(recipe, verifier_spec, teachers)
         verifier = scorer.verifier.model_copy(update={"engine": judge.engine, "chat": judge.chat})
