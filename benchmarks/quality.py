@@ -85,6 +85,21 @@ VARIANTS = (
     Variant("cord, hybrid with prm", "scorer", kind="hybrid", judge="prm"),
     Variant("cord, likelihood", "scorer", kind="likelihood"),
     Variant("cord, hybrid with likelihood", "scorer", kind="hybrid", judge="likelihood"),
+    # A surer ranking spends fewer proposals on lost beams: the adaptive schedule's savings buy width.
+    Variant(
+        "adaptive, hybrid with likelihood", "scorer", kind="hybrid", judge="likelihood", schedule="adaptive"
+    ),
+    Variant(
+        "cord B=6, hybrid with likelihood", "beam width", kind="hybrid", judge="likelihood", beam_width=6
+    ),
+    Variant(
+        "adaptive B=6, hybrid with likelihood",
+        "beam width",
+        kind="hybrid",
+        judge="likelihood",
+        beam_width=6,
+        schedule="adaptive",
+    ),
 )
 # The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.
 JUDGE = {"prompt": "\n\nCheck step {step}:{latest}Correct?", "yes": " Yes", "no": " No"}
@@ -211,6 +226,21 @@ def ranking_accuracy(
     return {key: {"pairs": pairs[key], "accuracy": round(wins[key] / pairs[key], 4)} for key in sorted(pairs)}
 
 
+def right_trace_reached(seen: Sequence[ScoredCandidate], problems: dict[str, task.Problem]) -> float | None:
+    """The share of the demo problems on which the scorer was ever shown a whole right trace
+    (every operation applied, every result right): answers that no final choice could get right
+    are lost to the proposals, not to the ranking."""
+    asked = {item.request.question for item in seen} & problems.keys()
+    reached = set()
+    for item in seen:
+        problem, steps = problems.get(item.request.question), item.request.steps
+        if problem is not None and len(steps) == len(problem.ops):
+            check = task.check_trace(problem, steps)
+            if check.sound and all(v is True for v in check.valid):
+                reached.add(item.request.question)
+    return round(len(reached) / len(asked), 4) if asked else None
+
+
 def proposals_by_phase(records: Sequence[TraceRecord], phases: Sequence[int]) -> dict:
     """{teacher: {phase: {asked, kept, won, tokens}}} summed over the records."""
     labels = phase_labels(phases)
@@ -280,6 +310,7 @@ def run_variant(
     started = time.perf_counter()
     synthesize(problems, teachers, recorder, recipe, records.extend)
     result = measure(records, demo, time.perf_counter() - started, recipe.search.adaptive.phases)
+    result["right_trace_reached"] = right_trace_reached(recorder.seen, demo)
     if variant.strategy != "curate" and variant.kind != "random":
         result["step_ranking"] = ranking_accuracy(recorder.seen, demo)
         components = sorted({c for item in recorder.seen for c in item.components})
@@ -345,9 +376,10 @@ def percent(value: float | None) -> str:
 def markdown(report: dict) -> str:
     head = (
         "| variant | answer acc. | acc. on hard problems | step validity | sound & correct "
-        "| tokens generated / problem | scorer tokens (computed) / problem | wall s | kept steps a / b / c |"
+        "| tokens generated / problem | scorer tokens (computed) / problem | wall s | kept steps a / b / c "
+        "| right trace reached |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for name, row in report["variants"].items():
         mean = row["mean"]
         shares = " / ".join(
@@ -358,7 +390,8 @@ def markdown(report: dict) -> str:
             f"| {name} | {percent(mean['answer_accuracy'])}{spread} | {percent(mean['hard_accuracy'])} "
             f"| {percent(mean['step_validity'])} | {percent(mean['sound_and_correct'])} "
             f"| {mean['generated_tokens_per_problem']:.0f} | {mean['scorer_tokens_per_problem']:.0f} "
-            f"({mean['scorer_tokens_computed_per_problem']:.0f}) | {mean['wall_s']:.1f} | {shares} |"
+            f"({mean['scorer_tokens_computed_per_problem']:.0f}) | {mean['wall_s']:.1f} | {shares} "
+            f"| {percent(mean.get('right_trace_reached'))} |"
         )
     lines += ["", "Scorer step-ranking accuracy, (right, wrong) pairs from the same parent:", ""]
     lines += [

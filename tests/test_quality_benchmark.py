@@ -59,6 +59,20 @@ def test_ranking_accuracy_counts_right_wrong_pairs_of_one_parent_by_position():
     assert ranking["last"] == {"pairs": 1, "accuracy": 1.0}
 
 
+def test_a_right_trace_is_reached_where_the_scorer_was_shown_every_operation_applied_right():
+    other = task.Problem(5, (("+", 1),))
+    right = (" 37 + 48 = 85\n", " 85 * 3 = 255\n", " 255 - 19 = 236\n")
+    seen = [
+        scored(right[:2], 0.9),  # right so far, not whole
+        scored((right[0], " 85 * 3 = 245\n", " 245 - 19 = 226\n"), 0.8),  # whole, one result wrong
+        quality.ScoredCandidate(ScoreRequest(other.question, (" 5 + 1 = 6\n",), "6"), 0.5),
+    ]
+    problems = {QUESTION: PROBLEM, other.question: other}
+    assert quality.right_trace_reached(seen, problems) == 0.5
+    assert quality.right_trace_reached([*seen, scored(right, 0.1)], problems) == 1.0
+    assert quality.right_trace_reached([], problems) is None
+
+
 def test_a_component_ranks_the_same_pairs_by_its_own_value():
     first = " 37 + 48 = 85\n"
 
@@ -183,6 +197,14 @@ def test_likelihood_variants_need_no_judge_and_read_the_scorer_alone(tmp_path):
         assert quality.has_judge(base, variants[name])
         scorer = quality.variant_recipe(base, variants[name], 0).scorer
         assert scorer.components == components and set(scorer.engines().values()) == {"scorer"}
+    for name, width, schedule in [
+        ("adaptive, hybrid with likelihood", 4, "adaptive"),
+        ("cord B=6, hybrid with likelihood", 6, "all"),
+        ("adaptive B=6, hybrid with likelihood", 6, "adaptive"),
+    ]:
+        recipe = quality.variant_recipe(base, variants[name], 0)
+        assert recipe.scorer.components == ("predictive", "likelihood")
+        assert (recipe.search.beam_width, recipe.search.schedule) == (width, schedule)
 
 
 def test_a_recipe_of_other_problems_needs_a_pilot_only_for_adaptive_rows_and_cannot_draw(tmp_path):
