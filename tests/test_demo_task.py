@@ -240,6 +240,28 @@ def test_the_demo_prm_starts_as_the_causal_lm_it_is_made_from():
     assert sorted({name.split(".")[0] for name in prm.state_dict()}) == ["model", "score"]
 
 
+def test_the_demo_verifier_starts_as_the_prm_body_it_is_made_from(tmp_path):
+    import torch
+    from reward_model import from_causal_lm, to_causal_lm
+    from transformers import LlamaForCausalLM
+
+    tokenizer = tt.build_tokenizer(tt.STYLES["rewards"])
+    torch.manual_seed(0)
+    prm = from_causal_lm(LlamaForCausalLM(tt.model_config(tokenizer)))
+    with torch.no_grad():  # a trained PRM's q/k/v biases are not zero
+        for name, parameter in prm.model.named_parameters():
+            if name.endswith("_proj.bias"):
+                parameter.normal_()
+    lm = to_causal_lm(prm, tt.model_config(tokenizer))
+    lm.save_pretrained(tmp_path)  # as vLLM reads it: a Llama with attention biases
+    lm = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([tokenizer.encode("Start with 37.<extra_0> 37 + 48 = 85<extra_0>")])
+    with torch.no_grad():
+        expected = prm.eval().model(ids).last_hidden_state
+        assert torch.allclose(lm.model(ids).last_hidden_state, expected, atol=1e-5)
+    assert lm.config.attention_bias and lm.config.tie_word_embeddings
+
+
 def test_prm_examples_are_rendered_as_the_prm_kind_reads_them_with_a_label_at_every_separator():
     import random
     from types import SimpleNamespace

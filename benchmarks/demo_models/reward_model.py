@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model
 
 ARCHITECTURE = "Qwen2ForProcessRewardModel"
 TOKENIZER = "tokenizer"  # the subfolder the tokenizer is saved in
@@ -104,3 +104,23 @@ def save_reward_model(model: RewardModel, tokenizer: PreTrainedTokenizerFast, di
     if config.get("architectures") != [ARCHITECTURE]:
         raise RuntimeError(f"{directory}: config.json does not name {ARCHITECTURE}")
     return directory / TOKENIZER
+
+
+def load_reward_model(directory: Path) -> RewardModel:
+    model = RewardModel(Qwen2Config.from_pretrained(directory))
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return model
+
+
+def to_causal_lm(prm: RewardModel, config: LlamaConfig) -> LlamaForCausalLM:
+    """The PRM's body as a causal LM, so that a generative judge starts from what the PRM learnt
+    to read at each step: Llama with attention biases (q/k/v the PRM's, o's at zero), its LM head
+    the tied embedding. `config` is the demo's Llama config for the PRM's tokenizer."""
+    lm = LlamaForCausalLM(LlamaConfig.from_dict({**config.to_dict(), "attention_bias": True}))
+    state = {f"model.{name}": tensor for name, tensor in prm.model.state_dict().items()}
+    for name, tensor in lm.state_dict().items():
+        if name.endswith("o_proj.bias"):
+            state[name] = torch.zeros_like(tensor)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    lm.load_state_dict(state)
+    return lm

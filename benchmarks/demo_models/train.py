@@ -4,6 +4,7 @@
     python benchmarks/demo_models/train.py --out /tmp/demo --quick                       # smoke test
     python benchmarks/demo_models/train.py --out ... --models teacher-b --teacher-steps 900
     python benchmarks/demo_models/train.py --out W --models prm --device cuda      # W/scorer: the scorer
+    python benchmarks/demo_models/train.py --out W --models verifier --device cuda # W/prm: the PRM
 
 One clean model is trained from random weights on correct traces in the ChatML style; each
 teacher is cut out of it into its own tokenizer (embedding rows looked up by string, strings the
@@ -11,12 +12,13 @@ clean model never saw started from an alias) and fine-tuned, in its own chat tem
 written with its bug rule. Two scorers are the clean model trained further in ChatML: `scorer` also
 on traces cut after step k and closed with the gold answer (see --scorer-truncated), so that
 intermediate steps carry information, and `scorer-final` on whole traces only, its ablation. The
-`verifier` is the scorer taught to judge a trajectory's latest step: after a verifier question
-that restates the step it answers ` Yes` or ` No`, labelled by the task's checker over steps written
-right, under every teacher's bug rule and with arithmetic slips; the `prm` is the scorer in
-Qwen2.5-Math-PRM's layout, labelled at every step separator of the same trajectories. The two
-judges are trained only when named (`--models verifier,prm`): the PRM learns in 12,000 steps
-(72.5% on held-out latest steps, shipped; 59 min on 2 cores), the verifier does not. Every
+`prm` is the scorer in Qwen2.5-Math-PRM's layout, labelled at every step separator ("every step so
+far is right") over trajectories written right, under every teacher's bug rule and with arithmetic
+slips; the `verifier` is the PRM's body as a causal LM taught to judge the latest step of the same
+trajectories: after a question that restates the step it answers ` Yes` or ` No`, labelled by the
+task's checker. The two judges are trained only when named (`--models prm,verifier`; the PRM
+first): the PRM learns in 12,000 steps (72.5% on held-out latest steps; 59 min on 2 AVX-512 cores),
+the verifier from it in 8,000 (74.0%; 5 min on an H200). Both ship. Every
 model is saved to OUT/<name>/ (safetensors, tokenizer, chat template), and OUT/training.json
 records per model: data sizes, seeds, steps, wall time, final loss and a greedy held-out
 evaluation.
@@ -42,7 +44,7 @@ from pathlib import Path
 import task
 import torch
 import transformers
-from reward_model import RewardModel, from_causal_lm, save_reward_model
+from reward_model import RewardModel, from_causal_lm, load_reward_model, save_reward_model, to_causal_lm
 from tokenizers_and_templates import ALIASES, MAX_LENGTH, STYLES, build_tokenizer, model_config
 from transformers import (
     AutoTokenizer,
@@ -77,9 +79,12 @@ BUDGETS = {
     # after 500 steps it was still at loss 0.114, 36% valid steps and 4.5% right answers.
     "teacher-c": Budget(steps=1200, lr=1e-3, problems=25_000),
     "scorer": Budget(steps=400, lr=1e-3, problems=25_000),
-    "verifier": Budget(steps=800, lr=2e-3, problems=25_000),
+    # Started from the scorer, the verdict loss stayed at chance (800 steps here; 4,000 and 12,000
+    # on an H200, lr 5e-4 to 2e-3); started from the PRM it learns at lr 1e-4 to 2e-4 (73.5-74.0%),
+    # less at 3e-4 (66%) and not at 5e-4 or above (H200 runs, benchmarks/results/judges-h200/).
+    "verifier": Budget(steps=8000, lr=2e-4, problems=25_000),
     # The PRM's loss leaves the labels' base rate only after ~5,000 steps at lr 5e-4 (read on an
-    # H200 and reproduced here); at 2e-3 it never does, nor the verifier's at any rate tried.
+    # H200 and reproduced here); at 2e-3 it never does.
     "prm": Budget(steps=12_000, lr=5e-4, problems=25_000),
 }
 QUICK_BUDGETS = {
@@ -110,14 +115,14 @@ SCORERS = {"scorer": None, "scorer-final": 0.0}  # share of truncated traces: No
 VERIFIER_STYLE = "verdicts"
 PRM_STYLE = "rewards"
 SHIPPED = ("clean", *TEACHERS, *SCORERS)  # the default: what weights/ holds (clean is not shipped)
-JUDGES = ("verifier", "prm")  # asked for by name (the PRM ships; the verifier does not judge yet)
+JUDGES = ("prm", "verifier")  # asked for by name (both ship); the verifier starts from the PRM
 MODELS = (*SHIPPED, *JUDGES)
 FMT = StepFormat()
 ANSWER_SUFFIX = "</think> The final answer is "  # cordgen's default scorer suffix
 # The demo verifier's question restates the step it judges right before the verdict, so that the
 # comparison of a result with the model's own arithmetic is short-range; the verdicts are
-# cordgen's defaults. Measured so far (README, Step scorers): in 800 steps the verdict loss stays
-# at chance, with this question, with cordgen's default one, and with half the examples bare.
+# cordgen's defaults. From the scorer, the verdict loss stayed at chance with this question, with
+# cordgen's default one and with half the examples bare; from the PRM, this question learns.
 VERIFIER = VerifierSettings(prompt="\n\nCheck step {step}:{latest}Correct?")
 PRM_SEPARATOR = "<extra_0>"  # cordgen's default scorer.prm.separator, Qwen's
 BARE_SHARE = 0.5  # of the verifier's examples, the check question alone: shorter sequences
@@ -281,6 +286,13 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware has it (a GPU, AVX-512 CPUs: 1.3-1.6x faster than fp32 there), else
+    fp32: on an AVX2-only CPU, bf16 autocast made a training step ~40x slower (10 s vs 0.25 s)."""
+    native = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return torch.bfloat16 if native else torch.float32
+
+
 def train(
     name: str,
     model: torch.nn.Module,
@@ -288,16 +300,16 @@ def train(
     budget: Budget,
     device: torch.device,
 ) -> dict:
-    """AdamW with a cosine schedule, under bf16 autocast (1.3-1.6x faster than fp32 on these
-    CPUs); the weights themselves stay fp32. Batches are built on the CPU and moved to `device`;
-    the model is left there for its evaluation."""
+    """AdamW with a cosine schedule, under autocast to `compute_dtype(device)`; the weights
+    themselves stay fp32. Batches are built on the CPU and moved to `device`; the model is left
+    there for its evaluation."""
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=budget.lr)
     schedule = get_cosine_schedule_with_warmup(optimizer, int(WARMUP * budget.steps), budget.steps)
     model.train()
-    losses, start = [], time.perf_counter()
+    dtype, losses, start = compute_dtype(device), [], time.perf_counter()
     for step, batch in enumerate(data, start=1):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -340,7 +352,9 @@ def cut_model(
     state = clean.state_dict()
     embedding = state["model.embed_tokens.weight"][torch.tensor(rows)]
     state.update({"model.embed_tokens.weight": embedding, "lm_head.weight": embedding})
-    model = LlamaForCausalLM(model_config(tokenizer))
+    config = model_config(tokenizer)
+    config.attention_bias = clean.config.attention_bias
+    model = LlamaForCausalLM(config)
     model.load_state_dict(state)
     return model
 
@@ -440,6 +454,7 @@ class Run:
     heldout: tuple[task.Problem, ...]
     eval_tokens: int
     device: torch.device
+    verifier_init: str
 
 
 def finish(
@@ -481,10 +496,10 @@ def clean_model(run: Run, report: dict) -> tuple[LlamaForCausalLM, PreTrainedTok
 def train_all(run: Run, report: dict) -> None:
     if any(name in run.models for name in ("clean", *TEACHERS, *SCORERS)):
         train_from_clean(run, report)
-    if "verifier" in run.models:
-        train_verifier(run, report)
     if "prm" in run.models:
         train_prm(run, report)
+    if "verifier" in run.models:
+        train_verifier(run, report)
 
 
 def train_from_clean(run: Run, report: dict) -> None:
@@ -507,18 +522,26 @@ def train_from_clean(run: Run, report: dict) -> None:
 
 
 def train_verifier(run: Run, report: dict) -> None:
-    """Starts from OUT/scorer (trained earlier in the run, or before): a model that already reads
-    a trajectory's value, in the verdict style's tokenizer. It does not learn yet: see VERIFIER."""
+    """Starts from OUT/<run.verifier_init>, cut into the verdict style's tokenizer: the scorer (a
+    model that reads a trajectory's value; it does not learn to judge, see VERIFIER) or the PRM (a
+    body that already tells a right step from a wrong one at its end)."""
     tokenizer = build_tokenizer(STYLES[VERIFIER_STYLE])
-    scorer = LlamaForCausalLM.from_pretrained(run.out / "scorer")
-    model = cut_model(scorer, build_tokenizer(STYLES[CLEAN_STYLE]), tokenizer)
+    model = cut_model(*verifier_start(run), tokenizer)
     judge, budget, seed = Judge(tokenizer), run.budgets["verifier"], SEEDS["verifier"]
     torch.manual_seed(seed)
     problems = task.sample_problems(budget.problems, seed)
-    record = {"style": VERIFIER_STYLE, "bug": None, "init": "scorer", "prompt": VERIFIER.prompt}
+    record = {"style": VERIFIER_STYLE, "bug": None, "init": run.verifier_init, "prompt": VERIFIER.prompt}
     record |= {**asdict(budget), "seed": seed, "batch": BATCH, "examples_seen": BATCH * budget.steps}
     record |= train("verifier", model, judge_batches(judge, problems, budget.steps, seed), budget, run.device)
     finish(run, "verifier", model, tokenizer, None, record, report, judge)
+
+
+def verifier_start(run: Run) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """The model the verifier is cut from, with the tokenizer it speaks."""
+    if run.verifier_init == "scorer":
+        return LlamaForCausalLM.from_pretrained(run.out / "scorer"), build_tokenizer(STYLES[CLEAN_STYLE])
+    tokenizer = build_tokenizer(STYLES[PRM_STYLE])
+    return to_causal_lm(load_reward_model(run.out / "prm"), model_config(tokenizer)), tokenizer
 
 
 def prefix_labels(problem: task.Problem, steps: Sequence[str]) -> list[int]:
@@ -619,6 +642,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for stage in BUDGETS:
         parser.add_argument(f"--{stage}-steps", type=int, help=f"override the {stage} step budget")
         parser.add_argument(f"--{stage}-lr", type=float, help=f"override the {stage} learning rate")
+    parser.add_argument(
+        "--verifier-init",
+        choices=("scorer", "prm"),
+        default="prm",
+        help="what the verifier starts from",
+    )
     parser.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     parser.add_argument(
         "--scorer-truncated", type=float, default=SCORER_TRUNCATED, help="share of cut traces"
@@ -646,7 +675,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     eval_tokens = QUICK_EVAL_TOKENS if args.quick else MAX_LENGTH
     models = tuple(args.models.split(","))
     run = Run(
-        args.out, models, budgets, args.scorer_truncated, heldout, eval_tokens, torch.device(args.device)
+        args.out,
+        models,
+        budgets,
+        args.scorer_truncated,
+        heldout,
+        eval_tokens,
+        torch.device(args.device),
+        args.verifier_init,
     )
     report_path = args.out / "training.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"models": {}}
@@ -657,7 +693,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "warmup": WARMUP,
         "threads": THREADS,
         "device": args.device,
+        "compute_dtype": str(compute_dtype(torch.device(args.device))),
         "scorer_truncated": args.scorer_truncated,
+        "verifier_init": args.verifier_init,
         "heldout": {"problems": eval_problems, "seed": SEEDS["heldout"], "max_new_tokens": eval_tokens},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
