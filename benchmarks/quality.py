@@ -62,6 +62,7 @@ class Variant:
     judge: str = "verifier"  # a hybrid's other half: the demo's "verifier", its "prm", or "likelihood"
     beam_width: int | None = None  # None: the recipe's
     curate_samples: int | None = None  # None: the recipe's
+    samples: int | None = None  # candidate steps per teacher per beam (sampling.n); None: the recipe's
     schedule: str = "all"  # adaptive: warm-started from the pilot run
     fill_beams: bool = True  # adaptive: every teacher where the frontier could not fill B (the default)
 
@@ -99,6 +100,16 @@ VARIANTS = (
         judge="likelihood",
         beam_width=6,
         schedule="adaptive",
+    ),
+    # Coverage, not ranking, loses the rest: two candidates per teacher per beam.
+    Variant("cord n=2, hybrid with likelihood", "beam width", kind="hybrid", judge="likelihood", samples=2),
+    Variant(
+        "cord B=6 n=2, hybrid with likelihood",
+        "beam width",
+        kind="hybrid",
+        judge="likelihood",
+        beam_width=6,
+        samples=2,
     ),
 )
 # The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.
@@ -179,6 +190,9 @@ def variant_recipe(base: Recipe, variant: Variant, seed: int, warm_start: Path |
         data["search"]["beam_width"] = variant.beam_width
     if variant.curate_samples is not None:
         data["search"]["curate_samples"] = variant.curate_samples
+    if variant.samples is not None:
+        for teacher in data["teachers"]:
+            teacher["sampling"]["n"] = variant.samples
     data["seed"] = seed
     return Recipe.model_validate(data)
 

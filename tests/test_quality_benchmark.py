@@ -197,14 +197,17 @@ def test_likelihood_variants_need_no_judge_and_read_the_scorer_alone(tmp_path):
         assert quality.has_judge(base, variants[name])
         scorer = quality.variant_recipe(base, variants[name], 0).scorer
         assert scorer.components == components and set(scorer.engines().values()) == {"scorer"}
-    for name, width, schedule in [
-        ("adaptive, hybrid with likelihood", 4, "adaptive"),
-        ("cord B=6, hybrid with likelihood", 6, "all"),
-        ("adaptive B=6, hybrid with likelihood", 6, "adaptive"),
+    for name, width, schedule, samples in [
+        ("adaptive, hybrid with likelihood", 4, "adaptive", 1),
+        ("cord B=6, hybrid with likelihood", 6, "all", 1),
+        ("adaptive B=6, hybrid with likelihood", 6, "adaptive", 1),
+        ("cord n=2, hybrid with likelihood", 4, "all", 2),
+        ("cord B=6 n=2, hybrid with likelihood", 6, "all", 2),
     ]:
         recipe = quality.variant_recipe(base, variants[name], 0)
         assert recipe.scorer.components == ("predictive", "likelihood")
         assert (recipe.search.beam_width, recipe.search.schedule) == (width, schedule)
+        assert {t.sampling.n for t in recipe.teachers} == {samples}
 
 
 def test_a_recipe_of_other_problems_needs_a_pilot_only_for_adaptive_rows_and_cannot_draw(tmp_path):
