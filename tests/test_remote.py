@@ -381,6 +381,34 @@ def test_a_request_is_retried_max_retries_times_then_fails_naming_the_last_statu
     assert proxy.forwarded[COMPLETIONS] == 2
 
 
+def test_a_shutdown_ends_the_backoff_and_the_request_fails_naming_the_server(
+    tiny_model_dirs, proxy, key_in_env
+):
+    """cordgen stopping (Ctrl-C, a failed round) must not wait out a long backoff."""
+    pool, model = connect(tiny_model_dirs, proxy.url, max_retries=10)  # 1 + 2 + ... + 30 s to wait
+    failures: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            model.sample([SampleRequest(prompt=[1, 2, 3], max_tokens=4, seed=1, temperature=1.0)])
+        except BaseException as error:  # read back below
+            failures.append(error)
+
+    try:
+        proxy.fail_next(*[503] * 11)
+        sender = threading.Thread(target=send)
+        sender.start()
+        while not proxy.failed:
+            time.sleep(0.05)
+        model.shutdown()
+        sender.join(timeout=60)
+    finally:
+        pool.shutdown()
+    assert not sender.is_alive() and len(failures) == 1 and isinstance(failures[0], EngineError)
+    assert str(failures[0]) == f"remote engine {proxy.url}: POST {COMPLETIONS} answered 503: injected 503"
+    assert proxy.failed == Counter({503: 1})  # no retry after the shutdown
+
+
 @pytest.mark.parametrize("status", [400, 500])
 def test_other_failures_are_not_retried(tiny_model_dirs, proxy, key_in_env, status):
     pool, model = connect(tiny_model_dirs, proxy.url, max_retries=3)

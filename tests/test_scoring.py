@@ -170,7 +170,7 @@ def test_another_kind_rescores_a_finished_run_into_its_own_file(synth_run, engin
 
 @pytest.mark.engine
 def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone_and_a_hybrid_names_it(
-    synth_run, engine_pool
+    synth_run, engine_pool, tmp_path
 ):
     plan = plan_scoring(synth_run, kind="likelihood")
     assert plan.output.path == synth_run / "scores.likelihood.jsonl" and plan.scorer.engines() == {
@@ -184,6 +184,23 @@ def test_the_likelihood_kind_rescores_a_finished_run_with_the_scorer_alone_and_a
     hybrid = plan_scoring(synth_run, kind="hybrid", hybrid_with="likelihood")
     assert hybrid.output.path == synth_run / "scores.hybrid-likelihood.jsonl"
     assert hybrid.scorer.components == ("predictive", "likelihood")
+    execute_scoring(hybrid, lambda records, tokens: None, pool=engine_pool)
+    assert {s.kind for s in load_scores(hybrid.output.path).values()} == {"hybrid-likelihood"}
+    recipe = yaml.safe_load((synth_run / "config.yaml").read_text())
+    recipe["scorer"]["verifier"] = {"yes": "Y", "no": "N"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    name = recipe["scorer"]["name"]
+    with pytest.raises(
+        CordgenError, match=rf"scored by {name} \(hybrid-likelihood\), not {name} \(hybrid-verifier\)"
+    ):
+        plan_scoring(  # another hybrid into the same file
+            synth_run,
+            hybrid.output.path,
+            recipe_path=tmp_path / "recipe.yaml",
+            kind="hybrid",
+            hybrid_with="verifier",
+            verifier_spec="beta",
+        )
     with pytest.raises(CordgenError, match="--hybrid-with is read only by kind hybrid, not by kind verifier"):
         plan_scoring(synth_run, kind="verifier", hybrid_with="likelihood")
 

@@ -167,7 +167,7 @@ class ScoreRecord(RecordModel):
 
     id: str
     scorer: str
-    kind: str = "predictive"  # the scorer kind that read it
+    kind: str = "predictive"  # the scorer kind that read it; a hybrid's part named (hybrid-prm)
     steps: list[StepScore]
     score: float | None  # the score after the whole thinking trajectory
     perplexity: float | None

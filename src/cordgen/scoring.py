@@ -245,7 +245,7 @@ def plan_scoring(
     if overwrite:
         output.path.unlink(missing_ok=True)
     earlier = {row["id"]: (row.get("scorer"), row.get("kind", "predictive")) for row in output.rows()}
-    ours = (scorer.name, scorer.kind)
+    ours = (scorer.name, kind_label(scorer))
     others = sorted({scorer_label(*pair) for pair in earlier.values() if pair != ours})
     if others:
         raise CordgenError(
@@ -278,7 +278,7 @@ def run_scoring(
     with plan.output.appender() as append:
         for start in range(0, len(plan.todo), batch_size):
             batch = plan.todo[start : start + batch_size]
-            records, computed = score_traces(batch, scorer, timeout_s, plan.scorer.kind)
+            records, computed = score_traces(batch, scorer, timeout_s, kind_label(plan.scorer))
             append(records)
             on_batch(records, computed)
 

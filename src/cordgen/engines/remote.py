@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +32,7 @@ from cordgen.engines.tokenizers import load_tokenizer
 from cordgen.errors import ConfigError, EngineError
 
 RETRIED_STATUS = {502, 503, 504}
+BACKOFF_CAP_S = 30.0  # a long max_retries waits at most this between two tries
 TOKENIZER_PROBE = "<think>\n### Step 1. 12 + 7 = 19\n</think> The final answer is 19"
 
 
@@ -91,16 +91,14 @@ class RemoteModel:
         """Retries lost connections and overloaded-server answers with backoff; any other
         failure is one line naming the server."""
         for attempt in range(self.endpoint.max_retries + 1):
-            retry = attempt < self.endpoint.max_retries and not self._closed.is_set()
+            retry = attempt < self.endpoint.max_retries
             try:
                 response = self._client.request(method, path, json=payload)
             except httpx.TransportError as error:
-                if retry:
-                    time.sleep(2**attempt)
+                if retry and self._backed_off(attempt):
                     continue
                 raise EngineError(f"{self.name}: {type(error).__name__}: {error}") from None
-            if response.status_code in RETRIED_STATUS and retry:
-                time.sleep(2**attempt)
+            if response.status_code in RETRIED_STATUS and retry and self._backed_off(attempt):
                 continue
             if response.status_code != 200:
                 raise EngineError(
@@ -108,6 +106,11 @@ class RemoteModel:
                 )
             return response.json()
         raise AssertionError("unreachable")
+
+    def _backed_off(self, attempt: int) -> bool:
+        """Waits 1, 2, 4, ... s (at most BACKOFF_CAP_S) before retry `attempt + 1`; False, at once,
+        when the engine is shut down meanwhile (cordgen is stopping: no more retries)."""
+        return not self._closed.wait(min(2.0**attempt, BACKOFF_CAP_S))
 
     def _served_model(self) -> tuple[str, int]:
         models = self._send("GET", "/v1/models").get("data", [])

@@ -140,11 +140,11 @@ def separator_token(chat: ChatPrompt, separator: str, model: str) -> int:
 def check_scorer_tokens(scorer: ScorerConfig, fmt: StepFormat) -> None:
     """Plan time, before any engine loads: each verdict is one token of the judge's tokenizer,
     and the PRM's separator one token of its own."""
-    if "prm" in scorer.components and scorer.prm is None:
-        kind = "prm" if scorer.kind == "prm" else "hybrid with prm"
-        raise ConfigError(f"scorer.prm: kind {kind} needs a reward model (scorer.prm.engine, or --prm)")
-    if "prm" in scorer.components and scorer.prm is not None:
+    if "prm" in scorer.components:
         prm = scorer.prm
+        if prm is None:
+            kind = "prm" if scorer.kind == "prm" else "hybrid with prm"
+            raise ConfigError(f"scorer.prm: kind {kind} needs a reward model (scorer.prm.engine, or --prm)")
         separator_token(
             ChatPrompt(load_tokenizer(prm.engine), prm.chat, fmt), prm.separator, prm.engine.model
         )
