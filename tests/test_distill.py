@@ -289,7 +289,8 @@ def test_lora_distill_recomputes_alpha_and_saves_the_merged_student(data, tmp_pa
     from_adapted, from_base = (
         (merged_logits - other).abs().max().item() for other in (adapted_logits, base_logits)
     )
-    assert from_adapted < 1e-5 and from_base > 1e-3
+    # W + BA and Wx + B(Ax) sum in different orders: 1.1e-5 apart, measured on an AVX2-only CPU
+    assert from_adapted < 1e-4 and from_base > 1e-3
 
 
 def distill_command(data: Path, out: Path) -> list[str]:
