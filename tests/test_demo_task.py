@@ -287,3 +287,13 @@ def test_prm_examples_are_rendered_as_the_prm_kind_reads_them_with_a_label_at_ev
         at_separators = [label for token, label in zip(ids, labels) if token == rewards.separator]
         assert at_separators and set(at_separators) <= {0, 1}
         assert sum(label != -100 for label in labels) == len(at_separators)
+
+
+def test_training_the_verifier_alone_without_its_start_is_one_line(tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--out", str(tmp_path), "--models", "verifier"])
+    assert stop.value.code == 2
+    assert f"starts from {tmp_path / 'prm'}, not there" in capsys.readouterr().err
+    assert train.parse_args(["--out", str(tmp_path), "--models", "prm,verifier"]).models == "prm,verifier"

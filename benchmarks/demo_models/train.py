@@ -654,9 +654,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--eval-problems", type=int, help=f"held-out problems (default {EVAL_PROBLEMS})")
     args = parser.parse_args(argv)
-    unknown = set(args.models.split(",")) - set(MODELS)
+    models = args.models.split(",")
+    unknown = set(models) - set(MODELS)
     if unknown:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))}")
+    start = args.out / args.verifier_init
+    if "verifier" in models and args.verifier_init not in models and not (start / "config.json").exists():
+        both = f"{args.verifier_init},verifier"
+        parser.error(f"--models verifier starts from {start}, not there: train both (--models {both})")
     return args
 
 
