@@ -76,6 +76,7 @@ VARIANTS = (
     Variant("single teacher-c", "main", "single", ("teacher-c",)),
     Variant("curate, 4 per teacher", "main", "curate"),
     Variant("curate, 2 per teacher", "main", "curate", curate_samples=2),
+    Variant("curate, 8 per teacher", "main", "curate", curate_samples=8),
     Variant("cord B=1", "beam width", beam_width=1),
     Variant("cord B=2", "beam width", beam_width=2),
     Variant("cord, scorer-final", "scorer", scorer="scorer-final"),
@@ -110,6 +111,14 @@ VARIANTS = (
         judge="likelihood",
         beam_width=6,
         samples=2,
+    ),
+    Variant(
+        "cord B=6 n=3, hybrid with likelihood",
+        "beam width",
+        kind="hybrid",
+        judge="likelihood",
+        beam_width=6,
+        samples=3,
     ),
 )
 # The demo verifier (benchmarks/demo_models/train.py) is asked as it was trained.

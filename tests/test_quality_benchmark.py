@@ -203,6 +203,7 @@ def test_likelihood_variants_need_no_judge_and_read_the_scorer_alone(tmp_path):
         ("adaptive B=6, hybrid with likelihood", 6, "adaptive", 1),
         ("cord n=2, hybrid with likelihood", 4, "all", 2),
         ("cord B=6 n=2, hybrid with likelihood", 6, "all", 2),
+        ("cord B=6 n=3, hybrid with likelihood", 6, "all", 3),
     ]:
         recipe = quality.variant_recipe(base, variants[name], 0)
         assert recipe.scorer.components == ("predictive", "likelihood")
